@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` (set up, then the main job on the embedded data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; set TORCH= (empty) to keep the torch already in the environment, or e.g.
+# TORCH="torch==2.5.1" for another build on a GPU machine.
+TORCH ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/ddcnn compare --dataset mnist5k --grids 2x2 --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,176 @@
+"""The command line: ``ddcnn train | evaluate | datasets | models``. argparse lives here and nowhere else.
+
+Every field of the config dataclasses is a flag (``--batch-size``, ``--grid 2x2``, ``--no-augment``...); a YAML
+file given with ``--config`` supplies values first and flags override it. Errors a user can cause print one line
+and exit with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, load_yaml
+from .errors import DDCNNError
+
+log = logging.getLogger("ddcnn")
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+# -- config flags -----------------------------------------------------------------------------------------------
+
+
+def _flag_type(annotation: Any):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = args[0]
+    if typing.get_origin(base) is tuple:
+        return str  # "2x2" or "128,128": parsed by config_from_dict
+    return base
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field, default None so that only what the user typed overrides the YAML."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"(default: {default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=None, help=help_text, metavar=f.name.upper())
+
+
+def _from_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is None:
+            continue
+        if f.name == "dnn_hidden":
+            v = [int(h) for h in str(v).split(",") if h.strip()]
+        values[f.name] = v
+    return values
+
+
+def resolve_run_config(args: argparse.Namespace, yaml_values: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file (nested sections or flat keys) <- command-line flags."""
+    merged: dict[str, Any] = {"data": {}, "model": {}, "train": {}}
+    for key, value in (yaml_values or {}).items():
+        if key in SECTIONS and isinstance(value, dict):
+            merged[key].update(value)
+        else:
+            section = next((s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}), None)
+            (merged[section] if section else merged)[key] = value
+    for section, cls in SECTIONS.items():
+        merged[section].update(_from_flags(args, cls))
+    merged.update(_from_flags(args, RunConfig))
+    return config_from_dict(RunConfig, merged)
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .methods import run
+
+    cfg = resolve_run_config(args, load_yaml(args.config) if args.config else None)
+    _log_to_file(Path(cfg.out) / "train.log")
+    result = run(cfg)
+    print(f"{result.method} {result.grid}: test {result.test.summary()} ({result.train_seconds:.1f} s training)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .methods import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split, device=args.device)
+    print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, indent=2))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .data import describe_dataset
+
+    print(describe_dataset(args.spec, DataConfig(image_size=args.image_size) if args.spec else None))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+    from .models.summary import parameter_report
+
+    grid = args.grid
+    print(parameter_report(list_models(), args.image_size, args.in_channels, args.num_classes, grid))
+    return 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddcnn", description="Domain-decomposition CNN-DNN training.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one method on one dataset")
+    train.add_argument("--config", help="YAML file of options; flags override it")
+    add_config_flags(train, RunConfig)
+    for cls in SECTIONS.values():
+        add_config_flags(train, cls)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
+    ev.add_argument("--checkpoint", required=True, help="a .pt file written by ddcnn train")
+    ev.add_argument("--dataset", help="another dataset spec (same classes and image shape)")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_evaluate)
+
+    ds = sub.add_parser("datasets", help="list the datasets, or describe what a dataset spec contains")
+    ds.add_argument("spec", nargs="?", help="e.g. mnist5k, cifar10:PATH, imagefolder:PATH, npz:PATH")
+    ds.add_argument("--image-size", type=int, default=None)
+    ds.set_defaults(func=cmd_datasets)
+
+    md = sub.add_parser("models", help="list the backbones with their parameter counts")
+    md.add_argument("--image-size", default="32x32", help="e.g. 32x32 or 28x28x28")
+    md.add_argument("--in-channels", type=int, default=3)
+    md.add_argument("--num-classes", type=int, default=10)
+    md.add_argument("--grid", default="2x2", help="decomposition for the local CNNs' counts")
+    md.set_defaults(func=cmd_models)
+    return parser
+
+
+def _log_to_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except DDCNNError as e:
+        if args.debug:
+            raise
+        from .train.engine import TrainingInterrupted
+
+        print(f"ddcnn: error: {e}", file=sys.stderr)
+        return 130 if isinstance(e, TrainingInterrupted) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The training loop every mode uses: optimiser, schedule, epochs, evaluation, checkpoints and resume.
+
+Models return logits ``(B, K)`` (a global CNN, a CNN-DNN, an aggregator) or ``(B, N, K)`` (N local CNNs, each
+predicting the class of the whole image). For ``(B, N, K)`` the loss is the *sum* over subdomains of each local
+CNN's mean cross-entropy, so each local CNN gets exactly the gradient it would get if it were trained alone.
+
+Determinism: the data order and augmentation of an epoch depend only on (seed, epoch) (see ``ddcnn.data``), and
+checkpoints hold every RNG state, so a run resumed from any checkpoint, even one written mid-epoch on SIGTERM,
+continues exactly as the uninterrupted run would have (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..errors import ConfigError, DDCNNError, TrainingDivergedError
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger("ddcnn")
+
+
+class TrainingInterrupted(DDCNNError):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
+
+
+# -- set-up -----------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.amp is None else bool(cfg.amp and device.type == "cuda")
+
+
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if use_amp(cfg, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy; for ``(B, N, K)`` logits the sum over subdomains of each local CNN's mean loss."""
+    if logits.dim() == 3:
+        b, n, k = logits.shape
+        total = F.cross_entropy(
+            logits.reshape(b * n, k).float(), y.repeat_interleave(n), label_smoothing=label_smoothing, reduction="sum"
+        )
+        return total / b
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
+def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW; weight decay on weight matrices and kernels only (not biases, norms)."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (decay if p.dim() > 1 and not name.endswith("bias") else no_decay).append(p)
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Per-step schedule: ``onecycle`` (linear warm-up, linear decay to 0), ``cosine`` (warm-up, cosine), ``constant``."""
+    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+    total_steps = max(total_steps, warmup + 1)
+
+    def onecycle(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        return max(0.0, (total_steps - step) / (total_steps - warmup))
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total_steps - warmup))))
+
+    schedules: dict[str, Callable[[int], float]] = {"onecycle": onecycle, "cosine": cosine, "constant": lambda s: 1.0}
+    if cfg.schedule not in schedules:
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(schedules)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[cfg.schedule])
+
+
+# -- one epoch --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float  # for (B, N, K) models: the mean of the local CNNs' accuracies
+    subdomain_accuracy: list[float] | None = None
+    probabilities: torch.Tensor | None = None  # (n, K) or (n, N, K) on the CPU, when collected
+    labels: torch.Tensor | None = None
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    collect: bool = False,
+    desc: str = "eval",
+    progress: bool = False,
+) -> EvalResult:
+    """Loss and accuracy of ``model`` on ``loader``; with ``collect``, also the probabilities and labels."""
+    was_training = model.training
+    model.eval()
+    loss_sum, seen, correct = 0.0, 0, None
+    probs, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x = _to_memory_format(x, cfg, device)
+        with autocast(cfg, device):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(classification_loss(logits, y)) * len(y)
+        hits = (logits.argmax(-1) == (y[:, None] if logits.dim() == 3 else y)).sum(0)
+        correct = hits if correct is None else correct + hits
+        seen += len(y)
+        if collect:
+            probs.append(logits.softmax(-1).cpu())
+            labels.append(y.cpu())
+    model.train(was_training)
+    if seen == 0:
+        raise DDCNNError("evaluation saw no images; the split is empty, use a larger dataset or fraction")
+    acc = (correct.float() / seen).cpu()
+    return EvalResult(
+        loss=loss_sum / seen,
+        accuracy=float(acc.mean()),
+        subdomain_accuracy=acc.tolist() if acc.dim() == 1 else None,
+        probabilities=torch.cat(probs) if collect else None,
+        labels=torch.cat(labels) if collect else None,
+    )
+
+
+def _to_memory_format(x: torch.Tensor, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    if x.dim() == 4 and use_channels_last(cfg, device):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+class _StopOnSignal:
+    """Turns SIGTERM/SIGINT into a flag that the loop checks between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not in the main thread: leave signals alone
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+@dataclass
+class Trainer:
+    """Trains ``model`` for ``epochs`` with checkpoints in ``checkpoint`` and one CSV row per epoch in ``log_csv``.
+
+    ``meta`` and ``config`` are stored in every checkpoint (what the model is, and the resolved run config).
+    ``save`` is False on processes that must not write (non-primary ranks). ``parameters`` restricts training
+    to some parameters (the rest stay frozen). ``sync`` (optional) is called after each backward pass, for
+    gradient communication that DDP does not do.
+    """
+
+    model: nn.Module
+    cfg: TrainConfig
+    device: torch.device
+    epochs: int
+    checkpoint: Path | None = None
+    log_csv: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    desc: str = "train"
+    save: bool = True
+    parameters: list[tuple[str, nn.Parameter]] | None = None
+    sync: Callable[[], None] | None = None
+    checkpoint_extra: Callable[[], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        self.optimizer = build_optimizer(self.parameters or self.model.named_parameters(), self.cfg)
+        self.scheduler = None  # built in fit(), when the steps per epoch are known
+        self.history: list[dict[str, Any]] = []
+        self.epoch, self.step = 0, 0  # next epoch to run, steps already done in it
+        self._partial: dict[str, Any] = {}
+        self.train_seconds = 0.0
+
+    # checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "partial": self._partial,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "rng": rng_state(),
+            "meta": self.meta,
+            "config": self.config,
+            "finished": self.epoch >= self.epochs,
+        }
+        if self.checkpoint_extra:
+            state.update(self.checkpoint_extra())
+        return state
+
+    def save_checkpoint(self) -> None:
+        if self.save and self.checkpoint is not None:
+            save_checkpoint(self.state_dict(), self.checkpoint)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self._partial = state.get("partial") or {}
+        self.history = list(state.get("history", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        set_rng_state(state["rng"])
+        log.info("resumed %s from %s at epoch %d, step %d", self.desc, path, self.epoch + 1, self.step)
+
+    # training ------------------------------------------------------------------------------------------------
+    def fit(self, train_loader, val_loader=None, resume: bool = False) -> FitResult:
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise DDCNNError(
+                f"{self.desc}: the training split has fewer images than one batch; lower --batch-size"
+            )
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.epochs * steps_per_epoch)
+        if resume and self.checkpoint is not None and self.checkpoint.exists():
+            self.load_checkpoint(self.checkpoint)
+        with _StopOnSignal() as stop:
+            while self.epoch < self.epochs:
+                row = self._train_epoch(train_loader, stop)
+                if val_loader is not None:
+                    val = evaluate(self.model, val_loader, self.cfg, self.device)
+                    row.update(val_loss=val.loss, val_accuracy=val.accuracy)
+                    if val.subdomain_accuracy is not None and len(val.subdomain_accuracy) > 1:
+                        row["val_subdomain_accuracy"] = val.subdomain_accuracy
+                self.history.append(row)
+                self.epoch, self.step, self._partial = self.epoch + 1, 0, {}
+                if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.epochs:
+                    self.save_checkpoint()
+                self._log_row(row)
+        seen = sum(r["images"] for r in self.history)
+        return FitResult(self.history, self.train_seconds, seen / max(self.train_seconds, 1e-9))
+
+    def _train_epoch(self, loader, stop: _StopOnSignal) -> dict[str, Any]:
+        model, cfg, device = self.model, self.cfg, self.device
+        model.train()
+        loader.set_epoch(self.epoch)
+        p = self._partial
+        loss_sum, seen = p.get("loss_sum", 0.0), p.get("seen", 0)
+        correct = p.get("correct")
+        correct = correct.to(device) if correct is not None else None
+        seconds = p.get("seconds", 0.0)
+        bar = tqdm(
+            total=len(loader),
+            initial=self.step,
+            desc=f"{self.desc} {self.epoch + 1}/{self.epochs}",
+            leave=False,
+            disable=not (cfg.progress and self.save),
+        )
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            if step < self.step:  # resumed mid-epoch: these batches were trained before the interruption
+                continue
+            x = _to_memory_format(x, cfg, device)
+            with autocast(cfg, device):
+                logits = model(x)
+            loss = classification_loss(logits, y, cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"{self.desc}: the loss became {float(loss)} at epoch {self.epoch + 1}, step {step + 1}; "
+                    f"the last good checkpoint {self.checkpoint} is kept; lower the learning rate or set grad_clip"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.sync is not None:
+                self.sync()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                hits = (logits.argmax(-1) == (y[:, None] if logits.dim() == 3 else y)).sum(0)
+                correct = hits if correct is None else correct + hits
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            self.step = step + 1
+            bar.update(1)
+            if self.step % 10 == 0 or self.step == len(loader):
+                elapsed = seconds + time.perf_counter() - start
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{float(correct.float().mean()) / seen:.3f}",
+                    img_s=f"{seen / elapsed:.0f}",
+                )
+            if stop.requested is not None:
+                self._partial = {
+                    "loss_sum": loss_sum,
+                    "seen": seen,
+                    "correct": correct.cpu(),
+                    "seconds": seconds + time.perf_counter() - start,
+                }
+                self.save_checkpoint()
+                bar.close()
+                raise TrainingInterrupted(
+                    f"{self.desc}: stopped by signal {stop.requested} at epoch {self.epoch + 1}, step {self.step}; "
+                    f"checkpoint saved to {self.checkpoint}; run again with --resume to continue"
+                )
+        bar.close()
+        seconds += time.perf_counter() - start
+        self.train_seconds += time.perf_counter() - start
+        acc = correct.float().cpu() / max(seen, 1)
+        row: dict[str, Any] = {
+            "phase": self.desc,
+            "epoch": self.epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": float(acc.mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "images": seen,
+            "images_per_second": seen / max(seconds, 1e-9),
+        }
+        if acc.dim() == 1 and len(acc) > 1:
+            row["train_subdomain_accuracy"] = acc.tolist()
+        return row
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        text = f"{self.desc} epoch {row['epoch']}/{self.epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+        if "val_accuracy" in row:
+            text += f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
+        text += f" | {row['images_per_second']:.0f} img/s"
+        log.info(text)
+        if self.save and self.log_csv is not None:
+            write_csv(self.log_csv, self.history)  # the whole history: the CSV always matches the checkpoint
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows (lists joined by spaces) to a CSV file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = [{k: (" ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+    tmp.replace(path)
