@@ -40,7 +40,7 @@ def format_grid(grid: tuple[int, ...]) -> str:
 class DataConfig:
     dataset: str = "mnist5k"  # name or name:PATH, see `ddcnn datasets`
     image_size: int | None = None  # resize (imagefolder) to this side length; None: the dataset's own size
-    batch_size: int = 128
+    batch_size: int = 64
     eval_batch_size: int = 512
     augment: bool = True
     crop_padding: int = 2  # random-crop translation in pixels (per axis); 0 turns it off
@@ -105,6 +105,13 @@ class RunConfig:
     local_epochs: int | None = None  # local phase; None: train.epochs
     dnn_epochs: int | None = None  # aggregation phase; None: train.epochs
     pretrained: str | None = None  # run folder or checkpoint of the local phase, for cnn_dnn and transfer
+    # aggregation phase (ours, the papers use "train"): the local probabilities a trained aggregator learns from.
+    # train: on the training images; crossfit: out-of-fold, k local phases on k-1 folds each (k times the cost);
+    # val: on the validation split; augmented: on augmented passes over the training images
+    aggregator_inputs: str = "train"
+    crossfit_folds: int = 3  # k of aggregator_inputs=crossfit
+    augmented_passes: int = 2  # passes of aggregator_inputs=augmented
+    transfer_aggregator: bool = False  # transfer: start the aggregator from the aggregation phase's, not at random
     resume: bool = False
 
 
@@ -172,7 +179,7 @@ def config_from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> 
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; known keys{' of ' + prefix[:-1] if prefix else ''}: "
+            f"unknown config key '{prefix}{unknown[0]}'; known keys{' of ' + prefix[:-1] if prefix else ''}: "
             f"{', '.join(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}

@@ -39,6 +39,10 @@ log = logging.getLogger("ddcnn")
 class TrainingInterrupted(DDCNNError):
     """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 # -- set-up -----------------------------------------------------------------------------------------------------
 
@@ -338,7 +342,7 @@ class Trainer:
             loss = classification_loss(logits, y, cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
-                    f"{self.desc}: the loss became {float(loss)} at epoch {self.epoch + 1}, step {step + 1}; "
+                    f"{self.desc}: the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {step + 1}; "
                     f"the last good checkpoint {self.checkpoint} is kept; lower the learning rate or set grad_clip"
                 )
             self.optimizer.zero_grad(set_to_none=True)
@@ -374,7 +378,8 @@ class Trainer:
                 bar.close()
                 raise TrainingInterrupted(
                     f"{self.desc}: stopped by signal {stop.requested} at epoch {self.epoch + 1}, step {self.step}; "
-                    f"checkpoint saved to {self.checkpoint}; run again with --resume to continue"
+                    f"checkpoint saved to {self.checkpoint}; run again with --resume to continue",
+                    stop.requested,
                 )
         bar.close()
         seconds += time.perf_counter() - start

@@ -1,0 +1,135 @@
+"""Every bad input a user can give gets one clear line on stderr and a non-zero exit, no traceback."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddcnn.cli import main
+
+
+def _tree(root, classes=("a", "b"), per_class=4, size=16, splits=("train", "test")):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def _npz(path, n=40, size=8, labels=None, dtype=np.uint8, nan=False):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (n, size, size)).astype(dtype)
+    if nan:
+        x = x.astype(np.float32)
+        x[3, 2, 2] = np.nan
+    y = np.arange(n) % 2 if labels is None else labels
+    np.savez(path, x=x, y=y, class_names=np.array(["zero", "one"]))
+    return path
+
+
+def _fails(capsys, argv, *fragments):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("ddcnn: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def _train(tmp_path, dataset, *more):
+    return ["-q", "train", "--dataset", dataset, "--out", str(tmp_path / "run"), "--epochs", "1", "--backbone",
+            "vgg3", "--width", "0.25", "--no-progress", "--cache-dir", str(tmp_path / "cache"), *more]
+
+
+def test_corrupt_image(tmp_path, capsys):
+    root = _tree(tmp_path / "data")
+    (root / "train" / "a" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    _fails(capsys, _train(tmp_path, f"imagefolder:{root}"), "1.png", "cannot be decoded")
+
+
+def test_unsupported_image_mode(tmp_path, capsys):
+    root = _tree(tmp_path / "data")
+    Image.fromarray(np.zeros((16, 16), dtype=np.float32), mode="F").save(root / "train" / "a" / "9.tiff")
+    _fails(capsys, _train(tmp_path, f"imagefolder:{root}"), "9.tiff", "mode F")
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    root = _tree(tmp_path / "data")
+    (root / "train" / "c").mkdir()
+    (root / "test" / "c").mkdir()
+    _fails(capsys, _train(tmp_path, f"imagefolder:{root}"), "holds no images")
+
+
+def test_missing_train_split(tmp_path, capsys):
+    root = _tree(tmp_path / "data", splits=("val", "test"))
+    _fails(capsys, _train(tmp_path, f"imagefolder:{root}"), "no train/")
+
+
+def test_images_smaller_than_the_grid_allows(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    _fails(capsys, _train(tmp_path, f"npz:{data}", "--method", "local", "--grid", "4x4"), "2x2 pixels", "coarser grid")
+
+
+def test_more_subdomains_than_pixels(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    _fails(capsys, _train(tmp_path, f"npz:{data}", "--method", "local", "--grid", "9x9"), "do not fit")
+
+
+def test_overlap_wider_than_subdomain(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    _fails(capsys, _train(tmp_path, f"npz:{data}", "--method", "local", "--grid", "2x2", "--overlap", "5"),
+           "overlap 5 is wider than a subdomain")
+
+
+def test_labels_out_of_range(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", labels=np.arange(40) % 3)  # 3 labels, 2 class names
+    _fails(capsys, _train(tmp_path, f"npz:{data}"), "label")
+
+
+def test_nan_in_data(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", nan=True)
+    _fails(capsys, _train(tmp_path, f"npz:{data}"), "NaN")
+
+
+@pytest.mark.parametrize(
+    "flag, value, kind",
+    [("--dataset", "mnist6k", "dataset"), ("--backbone", "vgg99", "backbone"), ("--method", "magic", "method")],
+)
+def test_unknown_names_list_the_known_ones(tmp_path, capsys, flag, value, kind):
+    argv = _train(tmp_path, "mnist5k", "--limit-train", "40", flag, value)  # the last flag wins
+    err = _fails(capsys, argv, f"unknown {kind} '{value}'", "choose one of")
+    assert "mnist5k" in err or "vgg9" in err or "global" in err
+
+
+def test_yaml_with_unknown_key(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  backbone: vgg3\n  grids: 2x2\n")
+    _fails(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "run")], "unknown config key 'model.grids'")
+
+
+def test_checkpoint_of_another_number_of_classes(tmp_path, capsys):
+    two = _npz(tmp_path / "two.npz")
+    assert main(_train(tmp_path, f"npz:{two}", "--method", "global", "--batch-size", "8")) == 0
+    rng = np.random.default_rng(1)
+    three = tmp_path / "three.npz"
+    np.savez(three, x=rng.integers(0, 255, (30, 8, 8)).astype(np.uint8), y=np.arange(30) % 3)
+    capsys.readouterr()
+    _fails(capsys, ["evaluate", "--checkpoint", str(tmp_path / "run" / "global.pt"), "--dataset", f"npz:{three}"],
+           "num_classes 2", "needs 3")
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    _fails(capsys, ["evaluate", "--checkpoint", str(tmp_path / "nothing.pt")], "does not exist")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from ddcnn.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError):
+        main(["--debug", *_train(tmp_path, "mnist6k")])

@@ -1,0 +1,150 @@
+import math
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddcnn.config import DataConfig, TrainConfig
+from ddcnn.data import ImageSet, make_loader
+from ddcnn.decomposition import Decomposition
+from ddcnn.errors import CheckpointError, TrainingDivergedError
+from ddcnn.models import LocalCNNs
+from ddcnn.train import Trainer, TrainingInterrupted, classification_loss, evaluate, load_checkpoint
+from ddcnn.train.engine import build_scheduler
+
+CPU = torch.device("cpu")
+
+
+def _images(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    images = torch.randint(0, 60, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    for k in range(3):  # a learnable signal: a bright square whose position depends on the class
+        images[labels == k, :, 4 * k : 4 * k + 4, 4:8] = 255
+    return ImageSet(images, labels)
+
+
+def _loader(split, train, seed=0):
+    cfg = DataConfig(batch_size=16, eval_batch_size=32, crop_padding=1)
+    return make_loader(split, batch_size=16 if train else 32, train=train, cfg=cfg, mean=(0.3,), std=(0.3,),
+                       device=CPU, seed=seed)
+
+
+def _trainer(tmp_path, epochs=3, grid=(2, 2), **train_kw):
+    torch.manual_seed(0)
+    model = LocalCNNs("vgg3", Decomposition(grid, (12, 12)), 1, 3, width=0.25)
+    cfg = TrainConfig(epochs=epochs, lr=0.05, progress=False, **train_kw)
+    return Trainer(model, cfg, CPU, epochs, checkpoint=tmp_path / "ckpt.pt", log_csv=tmp_path / "log.csv",
+                   meta={"kind": "local_cnns"})
+
+
+def test_local_loss_is_sum_of_independent_losses():
+    logits = torch.randn(5, 4, 3)
+    y = torch.randint(0, 3, (5,))
+    expected = sum(F.cross_entropy(logits[:, i], y) for i in range(4))
+    torch.testing.assert_close(classification_loss(logits, y), expected)
+
+
+def test_training_learns_and_logs(tmp_path):
+    data = _images()
+    trainer = _trainer(tmp_path, epochs=4)
+    result = trainer.fit(_loader(data, True), _loader(data, False))
+    assert len(result.history) == 4
+    assert result.history[-1]["val_accuracy"] > 0.6
+    assert len(result.history[-1]["train_subdomain_accuracy"]) == 4
+    assert (tmp_path / "log.csv").read_text().count("\n") == 5  # header + one row per epoch
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["finished"] and state["epoch"] == 4
+
+
+def test_resume_after_signal_equals_uninterrupted_run(tmp_path):
+    data = _images()
+    straight = _trainer(tmp_path / "a")
+    straight.fit(_loader(data, True))
+
+    class Interrupting:
+        """Raises SIGTERM in the middle of epoch 2, as a cluster scheduler would."""
+
+        def __init__(self, loader):
+            self.loader, self.epoch = loader, 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+            self.loader.set_epoch(epoch)
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for step, batch in enumerate(self.loader):
+                if self.epoch == 1 and step == 2:
+                    signal.raise_signal(signal.SIGTERM)
+                yield batch
+
+    interrupted = _trainer(tmp_path / "b")
+    with pytest.raises(TrainingInterrupted, match="epoch 2, step 3"):
+        interrupted.fit(Interrupting(_loader(data, True)))
+    resumed = _trainer(tmp_path / "b")
+    resumed.fit(_loader(data, True), resume=True)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [r["train_loss"] for r in resumed.history] == pytest.approx([r["train_loss"] for r in straight.history])
+
+
+def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path):
+    data = _images()
+    trainer = _trainer(tmp_path, epochs=3)
+    trainer.fit(_loader(data, True))  # a good checkpoint
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    diverging = _trainer(tmp_path, epochs=3)
+    diverging.model.net.head[-1].weight.data.fill_(math.nan)
+    with pytest.raises(TrainingDivergedError, match="epoch 1, step 1"):
+        diverging.fit(_loader(data, True))
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_evaluate_reports_subdomains_and_probabilities():
+    data = _images(40)
+    model = LocalCNNs("vgg3", Decomposition((2, 2), (12, 12)), 1, 3, width=0.25)
+    result = evaluate(model, _loader(data, False), TrainConfig(), CPU, collect=True)
+    assert result.probabilities.shape == (40, 4, 3)
+    torch.testing.assert_close(result.probabilities.sum(-1), torch.ones(40, 4))
+    assert len(result.subdomain_accuracy) == 4
+    assert torch.equal(result.labels, data.labels)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedules_start_low_peak_and_end(schedule):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, TrainConfig(schedule=schedule, warmup_fraction=0.2), 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(1.0)
+    if schedule != "constant":
+        assert lrs[0] < 0.2 and lrs[-1] < 0.05
+
+
+def test_crafted_checkpoint_is_refused(tmp_path):
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('%s', 'w').write('pwned')" % (tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Exploit()}, path, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
