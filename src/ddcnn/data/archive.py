@@ -89,8 +89,9 @@ def download(url: str, dest: str | Path, sha256: str, *, timeout: float = 60.0) 
             )
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
-        raise DatasetError(f"could not download {url} ({e}); check the address and the network, "
-                           f"or fetch it by hand to {dest}") from None
+        raise DatasetError(
+            f"could not download {url} ({e}); check the address and the network, or fetch it by hand to {dest}"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     return dest
@@ -108,8 +109,9 @@ def _member_path(archive: Path, name: str) -> PurePosixPath:
     """The member's path, refused if absolute or containing ``..``."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or (path.parts and path.parts[0].endswith(":")):
-        raise UnsafeArchiveError(f"{archive}: member {name!r} would be written outside the target folder; "
-                                 "refusing to extract this archive")
+        raise UnsafeArchiveError(
+            f"{archive}: member {name!r} would be written outside the target folder; refusing to extract this archive"
+        )
     return path
 
 
@@ -123,29 +125,38 @@ def _stays_inside(path: PurePosixPath) -> bool:
     return True
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
+def open_tar(archive: Path) -> tarfile.TarFile:
+    """The tar archive (any compression) opened for reading; :class:`DatasetError` if it is not one."""
     try:
-        tar = tarfile.open(archive, "r:*")
+        return tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as e:
         raise DatasetError(f"{archive} is not a readable tar archive ({e}); replace it") from None
-    with tar:
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    with open_tar(archive) as tar:
         members = tar.getmembers()
         links = {_member_path(archive, m.name) for m in members if m.issym() or m.islnk()}
         for member in members:
             path = _member_path(archive, member.name)
             if any(parent in links for parent in path.parents):
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} lies below a link, which could lead "
-                                         "outside the target folder; refusing to extract this archive")
+                raise UnsafeArchiveError(
+                    f"{archive}: member {member.name!r} lies below a link, which could lead "
+                    "outside the target folder; refusing to extract this archive"
+                )
             if member.issym() or member.islnk():
                 target = PurePosixPath(member.linkname)
                 # a symlink's target is relative to its own folder, a hardlink's to the archive root
                 relative_to = path.parent if member.issym() else PurePosixPath()
                 if target.is_absolute() or not _stays_inside(relative_to / target):
-                    raise UnsafeArchiveError(f"{archive}: link {member.name!r} points to {member.linkname!r}, "
-                                             "outside the target folder; refusing to extract this archive")
+                    raise UnsafeArchiveError(
+                        f"{archive}: link {member.name!r} points to {member.linkname!r}, "
+                        "outside the target folder; refusing to extract this archive"
+                    )
             elif not (member.isfile() or member.isdir()):
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device file or FIFO; "
-                                         "refusing to extract this archive")
+                raise UnsafeArchiveError(
+                    f"{archive}: member {member.name!r} is a device file or FIFO; refusing to extract this archive"
+                )
         dest.mkdir(parents=True, exist_ok=True)
         try:
             tar.extractall(dest, members=members, filter="data")
@@ -164,8 +175,9 @@ def _extract_zip(archive: Path, dest: Path) -> None:
         for info in zf.infolist():
             _member_path(archive, info.filename)
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link; "
-                                         "refusing to extract this archive")
+                raise UnsafeArchiveError(
+                    f"{archive}: member {info.filename!r} is a symbolic link; refusing to extract this archive"
+                )
         dest.mkdir(parents=True, exist_ok=True)
         try:
             zf.extractall(dest)

@@ -69,12 +69,3 @@ def save_rows(path: Path, source: np.ndarray, rows: np.ndarray) -> None:
     for start in range(0, len(rows), chunk):
         out[start : start + chunk] = source[rows[start : start + chunk]]
     out.flush()
-    del out
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=1))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())

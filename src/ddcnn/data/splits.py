@@ -22,7 +22,8 @@ _SEED_STREAMS = {"test": 0, "val": 1, "limit_train": 2}  # an independent random
 def stratified_sample(labels: np.ndarray, count: int, seed: int, stream: int = 0) -> np.ndarray:
     """Sorted positions of ``count`` entries of ``labels``, drawn per class in proportion to the class sizes.
 
-    Class quotas are rounded by largest remainder, so they add up to exactly ``count``.
+    Class quotas are rounded by largest remainder, so they add up to exactly ``count``. ``(seed, stream)`` seeds the
+    draw; different streams give independent draws from one seed.
     """
     if count <= 0 or len(labels) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -49,13 +50,15 @@ def plan_splits(labels: Mapping[str, np.ndarray], cfg: DataConfig) -> dict[str, 
         if split in labels:
             plan[split] = (split, np.arange(len(labels[split])))
             continue
-        taken = stratified_sample(labels["train"][train], round(fraction * len(train)), cfg.split_seed,
-                                  _SEED_STREAMS[split])
+        taken = stratified_sample(
+            labels["train"][train], round(fraction * len(train)), cfg.split_seed, _SEED_STREAMS[split]
+        )
         plan[split] = ("train", train[taken])
         train = np.delete(train, taken)
     if cfg.limit_train is not None:
-        train = train[stratified_sample(labels["train"][train], cfg.limit_train, cfg.split_seed,
-                                        _SEED_STREAMS["limit_train"])]
+        train = train[
+            stratified_sample(labels["train"][train], cfg.limit_train, cfg.split_seed, _SEED_STREAMS["limit_train"])
+        ]
     plan["train"] = ("train", train)
     return {split: plan[split] for split in SPLITS}
 

@@ -1,0 +1,112 @@
+"""From a :class:`RawDataset` to :class:`DatasetSplits`: carve the splits, hold them in memory or stream them from
+the cache, and measure the train split's per-channel mean and std.
+
+A dataset whose uint8 images take more than ``cfg.max_memory_gb`` (10^9 bytes) is streamed: each split is written
+once to ``<cache>/streams/<name>-<key>/<split>_images.npy`` and opened as a read-only ``np.memmap``. Otherwise every
+split is a CPU uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import ConfigError, DatasetError
+from .cache import atomic_dir, cache_root, fingerprint, save_rows
+from .dataset import DatasetSplits, ImageSet, RawDataset
+from .splits import plan_splits
+
+logger = logging.getLogger(__name__)
+
+_STATS_CHUNK_VALUES = 2**24  # pixel values summed at a time
+
+
+def assemble(raw: RawDataset, cfg: DataConfig) -> DatasetSplits:
+    if cfg.max_memory_gb <= 0:
+        raise ConfigError(f"max_memory_gb must be positive, got {cfg.max_memory_gb}")
+    plan = plan_splits({split: labels for split, (_, labels) in raw.splits.items()}, cfg)
+    if len(plan["train"][1]) == 0:
+        raise DatasetError(
+            f"{raw.name} has no training images left after carving val and test; "
+            "add images or lower val_fraction/test_fraction"
+        )
+    bytes_per_image = {split: int(np.prod(x.shape[1:])) * x.itemsize for split, (x, _) in raw.splits.items()}
+    nbytes = sum(bytes_per_image[source] * len(rows) for source, rows in plan.values())
+    streaming = nbytes > cfg.max_memory_gb * 1e9
+    if streaming:
+        logger.info(
+            "%s takes %.2f GB > max_memory_gb=%g: streaming it from the cache",
+            raw.name,
+            nbytes / 1e9,
+            cfg.max_memory_gb,
+        )
+        images = _stream(raw, plan, cfg)
+    else:
+        images = {
+            split: torch.from_numpy(np.ascontiguousarray(raw.splits[source][0][rows]))
+            for split, (source, rows) in plan.items()
+        }
+    sets = {
+        split: ImageSet(images[split], torch.from_numpy(raw.splits[source][1][rows].astype(np.int64)))
+        for split, (source, rows) in plan.items()
+    }
+    mean, std = channel_stats(sets["train"].images)
+    return DatasetSplits(
+        name=raw.name,
+        class_names=list(raw.class_names),
+        train=sets["train"],
+        val=sets["val"],
+        test=sets["test"],
+        mean=mean,
+        std=std,
+        streaming=streaming,
+    )
+
+
+def _stream(raw: RawDataset, plan: dict[str, tuple[str, np.ndarray]], cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Each split as a read-only memmap: the dataset's own cache file where the split is all of it, else a file of
+    its rows written once to the cache (keyed by the content and the rows taken)."""
+    memmaps, to_write = {}, {}
+    for split, (source, rows) in plan.items():
+        images = raw.splits[source][0]
+        if isinstance(images, np.memmap) and np.array_equal(rows, np.arange(len(images))):
+            memmaps[split] = images
+        else:
+            to_write[split] = (images, rows)
+    if to_write:
+        digests = {split: hashlib.sha256(rows.tobytes()).hexdigest() for split, (_, rows) in to_write.items()}
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw.name)
+        entry = cache_root(cfg.cache_dir) / "streams" / f"{safe_name}-{fingerprint(raw.fingerprint, digests)}"
+        if not entry.is_dir():
+            with atomic_dir(entry) as tmp:
+                for split, (images, rows) in to_write.items():
+                    save_rows(tmp / f"{split}_images.npy", images, rows)
+        memmaps |= {split: np.load(entry / f"{split}_images.npy", mmap_mode="r") for split in to_write}
+    return memmaps
+
+
+def channel_stats(images: torch.Tensor | np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 ``(n, C, ...)`` images, in [0, 1] units.
+
+    Exact integer sums, taken a chunk at a time so ``images`` may be a memmap larger than memory. A constant channel
+    gets std 1 rather than 0, so normalising never divides by zero.
+    """
+    array = images.numpy() if isinstance(images, torch.Tensor) else images
+    channels, axes = array.shape[1], (0, *range(2, array.ndim))
+    chunk = max(1, _STATS_CHUNK_VALUES // max(1, int(np.prod(array.shape[1:]))))
+    total = np.zeros(channels, dtype=np.uint64)
+    squares = np.zeros(channels, dtype=np.uint64)
+    for start in range(0, len(array), chunk):
+        block = np.asarray(array[start : start + chunk])
+        total += block.sum(axis=axes, dtype=np.uint64)
+        squares += np.square(block, dtype=np.uint16).sum(axis=axes, dtype=np.uint64)
+    count = array.size // channels
+    mean = total / count / 255
+    std = np.sqrt(np.maximum(squares / count / 255**2 - mean**2, 0.0))
+    std = np.where(std > 0, std, 1.0)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -1,0 +1,224 @@
+"""Batches for training and evaluation, reproducible to the sample.
+
+Each epoch's order and augmentation are drawn only from CPU ``torch.Generator``s seeded from ``(seed, epoch)``
+(augmentation also from the rank), never from the global RNG, so a resumed run replays exactly the same batches and
+a CPU run draws what a GPU run draws.
+
+In-memory splits are moved to the device once as one uint8 tensor (cached on the :class:`ImageSet`) and batched by
+indexing it, as in KellerJordan/cifar10-airbench. Streamed splits (``np.memmap``) are read by a standard
+``DataLoader`` whose sampler yields exactly the same index batches. Either way augmentation and normalisation then
+run on the device for the whole batch at once:
+
+* random crop: each sample is shifted by up to ``crop_padding`` pixels along every spatial axis (3D too), the
+  uncovered border filled by *reflection* (no artificial black frame, which would differ from the zero background
+  in some datasets and not in others); implemented as one gather with per-sample indices;
+* horizontal flip (last axis) of a random half of the batch, folded into the same gather via ``torch.where``;
+* ``x = (pixel / 255 - mean) / std`` as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from .dataset import ImageSet
+
+_ORDER_STREAM = 0  # the random stream that orders an epoch; stream 1 + rank augments it
+
+
+def make_loader(
+    split: ImageSet,
+    *,
+    batch_size: int,
+    train: bool,
+    cfg: DataConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    drop_last: bool | None = None,
+) -> BatchLoader:
+    """A loader over ``split``: shuffled, augmented (if ``cfg.augment``) and without the last partial batch (unless
+    ``drop_last=False``) when ``train``; in fixed order, unaugmented and complete otherwise.
+
+    ``shard=(rank, world)`` gives this rank its part of every epoch, for data-parallel training: all ranks draw the
+    same permutation; training shards are disjoint and of equal size (the ``n % world`` samples at the end of the
+    permutation are left out of that epoch), evaluation shards cover every sample exactly once.
+    """
+    return BatchLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=train,
+        augment=train and cfg.augment,
+        crop_padding=cfg.crop_padding,
+        flip=cfg.flip,
+        mean=mean,
+        std=std,
+        device=torch.device(device),
+        seed=seed,
+        shard=shard,
+        drop_last=train if drop_last is None else drop_last,
+        num_workers=cfg.num_workers,
+    )
+
+
+class BatchLoader:
+    """Yields ``(x, y)``: float32 normalised images ``(B, C, H, W)`` or ``(B, C, D, H, W)`` and int64 labels, both
+    on ``device``. Call :meth:`set_epoch` before each epoch; iterating twice without it repeats the epoch."""
+
+    def __init__(
+        self,
+        split: ImageSet,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool,
+        crop_padding: int,
+        flip: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        seed: int,
+        shard: tuple[int, int],
+        drop_last: bool,
+        num_workers: int,
+    ):
+        rank, world = shard
+        channels, *spatial = split.images.shape[1:]
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ConfigError(f"shard {shard} is not (rank, world) with 0 <= rank < world")
+        if seed < 0:
+            raise ConfigError(f"seed must be non-negative, got {seed}")
+        if len(mean) != channels or len(std) != channels:
+            raise ConfigError(f"mean and std need one value per channel ({channels}), got {len(mean)} and {len(std)}")
+        if augment and not 0 <= crop_padding < min(spatial):
+            raise ConfigError(
+                f"crop_padding must be in [0, {min(spatial)}) for images of size "
+                f"{'x'.join(map(str, spatial))}, got {crop_padding}"
+            )
+        self.split, self.batch_size, self.shuffle, self.device = split, batch_size, shuffle, device
+        self.crop_padding = crop_padding if augment else 0
+        self.flip = flip and augment
+        self.augment = bool(self.crop_padding or self.flip)
+        self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
+        self.num_workers = num_workers
+        self.epoch = 0
+        # shuffled shards are cut to equal size; evaluation shards differ by at most one sample
+        shard_size = len(split) // world if shuffle else len(range(rank, len(split), world))
+        if drop_last and shard_size < batch_size:
+            raise ConfigError(
+                f"batch size {batch_size} exceeds the {shard_size} images per rank, so an epoch "
+                "without its last partial batch would be empty; lower the batch size"
+            )
+        self.num_samples = (shard_size // batch_size) * batch_size if drop_last else shard_size  # per epoch
+        view = (1, channels) + (1,) * len(spatial)
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std_t)).view(view).to(device)
+        self._shift = (torch.tensor(mean, dtype=torch.float32) / std_t).view(view).to(device)
+        self._streamed = isinstance(split.images, np.ndarray)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._epoch_indices()
+        shifts, flips = self._draw_augmentation(len(indices)) if self.augment else (None, None)
+        for i, (x, y) in enumerate(self._stream(indices) if self._streamed else self._index(indices)):
+            if shifts is not None and flips is not None:
+                rows = slice(i * self.batch_size, i * self.batch_size + len(x))
+                x = crop_and_flip(x, shifts[rows], flips[rows], self.crop_padding)
+            yield x.float().mul_(self._scale).sub_(self._shift), y
+
+    def _epoch_indices(self) -> torch.Tensor:
+        """This rank's sample indices for the epoch, in batch order (CPU int64)."""
+        n = len(self.split)
+        if self.shuffle:
+            generator = _generator(self.seed, self.epoch, _ORDER_STREAM)
+            order = torch.randperm(n, generator=generator)[: n - n % self.world]
+        else:
+            order = torch.arange(n)
+        return order[self.rank :: self.world][: self.num_samples]
+
+    def _draw_augmentation(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's per-sample shifts ``(n, spatial dims)`` in ``[0, 2 * crop_padding]`` and flip flags ``(n,)``,
+        on the device; each only drawn if enabled (else zeros)."""
+        generator = _generator(self.seed, self.epoch, 1 + self.rank)
+        shifts = torch.full((n, self.split.images.ndim - 2), self.crop_padding)
+        flips = torch.zeros(n, dtype=torch.bool)
+        if self.crop_padding:
+            shifts = torch.randint(0, 2 * self.crop_padding + 1, shifts.shape, generator=generator)
+        if self.flip:
+            flips = torch.rand(n, generator=generator) < 0.5
+        return shifts.to(self.device), flips.to(self.device)
+
+    def _index(self, indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.split.on_device(self.device)
+        for rows in indices.to(self.device).split(self.batch_size):
+            yield images[rows], labels[rows]
+
+    def _stream(self, indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            _MemmapBatches(self.split.images, self.split.labels),
+            sampler=indices.split(self.batch_size),
+            batch_size=None,  # the sampler yields whole batches of indices
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),  # else DataLoader seeds its workers from the global RNG
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def crop_and_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
+    """Translated (reflect-padded) and flipped copies of a batch ``(B, C, *spatial)``, made by one gather.
+
+    Sample ``b`` is the window at offset ``shifts[b]`` (per spatial axis, in ``[0, 2 * padding]``) of the sample
+    reflect-padded by ``padding`` on every side, mirrored along the last axis where ``flips[b]``.
+    """
+    batch, _, *spatial = x.shape
+    index: list[torch.Tensor] = [torch.arange(batch, device=x.device).view(batch, *([1] * len(spatial)))]
+    for axis, size in enumerate(spatial):
+        coords = (torch.arange(size, device=x.device) + shifts[:, axis : axis + 1] - padding).abs()  # reflect < 0
+        coords = torch.where(coords >= size, 2 * (size - 1) - coords, coords)  # and reflect > size - 1
+        if axis == len(spatial) - 1:
+            coords = torch.where(flips[:, None], coords.flip(1), coords)
+        shape = [batch] + [1] * len(spatial)
+        shape[1 + axis] = size
+        index.append(coords.reshape(shape))
+    # moving channels last lets the per-sample index tensors broadcast over (B, *spatial)
+    return x.movedim(1, -1)[tuple(index)].movedim(-1, 1).contiguous()
+
+
+class _MemmapBatches(Dataset):
+    """Batches of a memmapped split, indexed by a tensor of sample indices. Workers reopen the file rather than
+    receive a pickled copy of the array."""
+
+    def __init__(self, images: np.ndarray, labels: torch.Tensor):
+        self._path = getattr(images, "filename", None)  # None: a plain array, pickled to the workers
+        self._images: np.ndarray | None = images
+        self._labels = labels
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None} if self._path else self.__dict__
+
+    def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._images is None:
+            self._images = np.load(self._path, mmap_mode="r")
+        return torch.from_numpy(np.ascontiguousarray(self._images[rows.numpy()])), self._labels[rows]
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator for one ``(seed, epoch, stream)``, the three mixed by numpy's SeedSequence hash."""
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
