@@ -1,4 +1,5 @@
-"""The command line: ``ddcnn train | evaluate | datasets | models``. argparse lives here and nowhere else.
+"""The command line: ``ddcnn train | compare | evaluate | predict | datasets | models | aggregators``. argparse lives
+here and nowhere else.
 
 Every field of the config dataclasses is a flag (``--batch-size``, ``--grid 2x2``, ``--no-augment``...); a YAML
 file given with ``--config`` supplies values first and flags override it. Errors a user can cause print one line
@@ -12,14 +13,16 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, load_yaml
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict, load_yaml
 from .errors import DDCNNError
 
 log = logging.getLogger("ddcnn")
+T = TypeVar("T")
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
@@ -28,15 +31,18 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 def _flag_type(annotation: Any):
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    base = args[0]
-    if typing.get_origin(base) is tuple:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is tuple:
         return str  # "2x2" or "128,128": parsed by config_from_dict
-    return base
+    return annotation
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field, default None so that only what the user typed overrides the YAML."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), defaults: Any = None
+) -> None:
+    """One flag per dataclass field, default None so that only what the user typed overrides the YAML.
+    ``defaults``: an instance whose values the help shows (default: the field defaults)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -44,7 +50,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"(default: {default})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -52,43 +61,106 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
             group.add_argument(flag, type=kind, default=None, help=help_text, metavar=f.name.upper())
 
 
-def _from_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+def _from_flags(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     values = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         v = getattr(args, f.name, None)
-        if v is None:
+        if v is None or f.name in skip:
             continue
-        if f.name == "dnn_hidden":
-            v = [int(h) for h in str(v).split(",") if h.strip()]
+        if isinstance(v, str) and _is_tuple(hints[f.name]) and f.name != "grid":
+            v = [item.strip() for item in v.split(",") if item.strip()]  # "128,128", "0,1,2", "2x2,4x4"
         values[f.name] = v
     return values
 
 
-def resolve_run_config(args: argparse.Namespace, yaml_values: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- YAML file (nested sections or flat keys) <- command-line flags."""
-    merged: dict[str, Any] = {"data": {}, "model": {}, "train": {}}
+def _is_tuple(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(typing.get_origin(a) is tuple for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is tuple
+
+
+def resolve_config(
+    cls: type[T], args: argparse.Namespace, yaml_values: dict[str, Any] | None = None,
+    skip: dict[str, tuple[str, ...]] | None = None,
+) -> T:
+    """Defaults <- YAML file (nested sections or flat keys) <- command-line flags, for a config class made of
+    top-level fields and the ``data``, ``model`` and ``train`` sections (RunConfig, CompareConfig). Sections start
+    from ``cls``'s own defaults; a flat key goes to the top level if ``cls`` has it, else to the section that has it.
+    ``skip``: per section, fields that ``cls`` sets itself (their flags are not read)."""
+    skip = skip or {}
+    defaults = cls()
+    merged: dict[str, Any] = {s: config_to_dict(getattr(defaults, s)) for s in SECTIONS}
+    top = {f.name for f in dataclasses.fields(cls)} - set(SECTIONS)
     for key, value in (yaml_values or {}).items():
         if key in SECTIONS and isinstance(value, dict):
             merged[key].update(value)
+        elif key in top:
+            merged[key] = value
         else:
-            section = next((s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}), None)
+            section = next((s for s, c in SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}), None)
             (merged[section] if section else merged)[key] = value
-    for section, cls in SECTIONS.items():
-        merged[section].update(_from_flags(args, cls))
-    merged.update(_from_flags(args, RunConfig))
-    return config_from_dict(RunConfig, merged)
+    for section, section_cls in SECTIONS.items():
+        merged[section].update(_from_flags(args, section_cls, skip.get(section, ())))
+    merged.update(_from_flags(args, cls))
+    return config_from_dict(cls, merged)
+
+
+def resolve_run_config(args: argparse.Namespace, yaml_values: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file (nested sections or flat keys) <- command-line flags."""
+    return resolve_config(RunConfig, args, yaml_values)
+
+
+# fields of the sections that `compare` sets per grid, seed and phase
+COMPARE_SKIP = {"model": ("grid",), "train": ("epochs", "seed")}
 
 
 # -- commands ---------------------------------------------------------------------------------------------------
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import distributed_session
     from .methods import run
 
     cfg = resolve_run_config(args, load_yaml(args.config) if args.config else None)
-    _log_to_file(Path(cfg.out) / "train.log")
-    result = run(cfg)
-    print(f"{result.method} {result.grid}: test {result.test.summary()} ({result.train_seconds:.1f} s training)")
+    with distributed_session(cfg.train.device, cfg.train.dist_timeout) as dist:  # one process, or torchrun's
+        if dist.is_primary:
+            _log_to_file(Path(cfg.out) / "train.log")
+        result = run(cfg, dist)
+    if dist.is_primary:
+        print(f"{result.method} {result.grid}: test {result.test.summary()} ({result.train_seconds:.1f} s training)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, compare
+    from .distributed import distributed_session
+
+    cc = resolve_config(CompareConfig, args, load_yaml(args.config) if args.config else None, COMPARE_SKIP)
+    with distributed_session(cc.train.device, cc.train.dist_timeout) as dist:
+        if dist.is_primary:
+            _log_to_file(Path(cc.out) / "compare.log")
+        result = compare(cc, dist=dist)
+    if dist.is_primary:
+        print(result.markdown)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import format_predictions, predict
+
+    predictions = predict(args.checkpoint, args.images, device=args.device)
+    print(format_predictions(predictions))
+    return 0
+
+
+def cmd_aggregators(args: argparse.Namespace) -> int:
+    from .models.aggregators import aggregator_class, list_aggregators
+
+    for name in list_aggregators():
+        cls = aggregator_class(name)
+        kind = "trained" if cls.trainable else "fitted on val" if cls.fitted else "no training"
+        print(f"{name:10s} {kind:14s} {(cls.__doc__ or '').strip().splitlines()[0]}")
     return 0
 
 
@@ -128,6 +200,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     for cls in SECTIONS.values():
         add_config_flags(train, cls)
     train.set_defaults(func=cmd_train)
+
+    from .compare import CompareConfig
+
+    cmp = sub.add_parser("compare", help="train every method on every grid and seed; write tables and plots")
+    cmp.add_argument("--config", help="YAML file of options; flags override it")
+    compare_defaults = CompareConfig()
+    add_config_flags(cmp, CompareConfig, defaults=compare_defaults)
+    for name, cls in SECTIONS.items():
+        add_config_flags(cmp, cls, skip=COMPARE_SKIP.get(name, ()), defaults=getattr(compare_defaults, name))
+    cmp.set_defaults(func=cmd_compare)
+
+    pr = sub.add_parser("predict", help="classify image files (.png, .jpg, ..., .npy volumes) with a checkpoint")
+    pr.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder holding one")
+    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=cmd_predict)
+
+    ag = sub.add_parser("aggregators", help="list the aggregators")
+    ag.set_defaults(func=cmd_aggregators)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
     ev.add_argument("--checkpoint", required=True, help="a .pt file written by ddcnn train")
@@ -169,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train.engine import TrainingInterrupted
 
         print(f"ddcnn: error: {e}", file=sys.stderr)
-        return 130 if isinstance(e, TrainingInterrupted) else 2
+        return 128 + e.signum if isinstance(e, TrainingInterrupted) else 2
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ class TrainConfig:
     progress: bool = True  # progress bars
     checkpoint_every: int = 1  # epochs between checkpoints
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    # under torchrun (docs/distributed.md): model: the subdomains are spread over the processes (the method's own
+    # parallelism); data: every process holds the whole model and a share of each batch (the baseline)
+    parallel: str = "model"
+    dist_timeout: float = 30.0  # minutes a process waits for the others at a collective before the job fails
 
 
 @dataclass

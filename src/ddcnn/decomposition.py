@@ -91,19 +91,17 @@ class Decomposition:
 
     def windows(self) -> list[tuple[slice, ...]]:
         """The window (as slices over the spatial axes) of each subdomain, in subdomain order."""
+        return list(self._windows)
+
+    @cached_property
+    def _windows(self) -> tuple[tuple[slice, ...], ...]:
         per_axis = [[slice(a, b) for a, b in windows] for _, windows in self._axes]
-        return [tuple(s) for s in product(*per_axis)]
+        return tuple(tuple(s) for s in product(*per_axis))
 
     def cores(self) -> list[tuple[slice, ...]]:
         """The core (as slices over the spatial axes) of each subdomain; the cores tile the image."""
         per_axis = [[slice(a, b) for a, b in cores] for cores, _ in self._axes]
         return [tuple(s) for s in product(*per_axis)]
-
-    def _index(self, device: torch.device) -> list[torch.Tensor]:
-        """Per spatial axis, a ``(n_axis, s_axis)`` long tensor of the pixel indices of each window."""
-        return [
-            torch.stack([torch.arange(a, b, device=device) for a, b in windows]) for _, windows in self._axes
-        ]
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 2 + self.spatial_dims or tuple(x.shape[2:]) != self.image_shape:
@@ -113,26 +111,13 @@ class Decomposition:
             )
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *image_shape)`` -> ``(B, N, C, *subimage_shape)``, one gather, no loop over images."""
+        """``(B, C, *image_shape)`` -> ``(B, N, C, *subimage_shape)``: the windows of the whole batch at once.
+
+        One slice per subdomain and one copy (``torch.stack``); 2.5x to 6x faster on CPU than a single
+        advanced-indexing gather (benchmarks/README.md), differentiable, and never a copy of more than the batch.
+        """
         self._check(x)
-        B, C = x.shape[:2]
-        idx = self._index(x.device)
-        if self.spatial_dims == 2:
-            (ih, iw) = idx  # (n1, s1), (n2, s2)
-            # x[:, :, rows, cols] with rows (n1, 1, s1, 1) and cols (1, n2, 1, s2) -> (B, C, n1, n2, s1, s2)
-            sub = x[:, :, ih[:, None, :, None], iw[None, :, None, :]]
-            sub = sub.permute(0, 2, 3, 1, 4, 5)
-        else:
-            (id_, ih, iw) = idx
-            sub = x[
-                :,
-                :,
-                id_[:, None, None, :, None, None],
-                ih[None, :, None, None, :, None],
-                iw[None, None, :, None, None, :],
-            ]  # (B, C, n1, n2, n3, s1, s2, s3)
-            sub = sub.permute(0, 2, 3, 4, 1, 5, 6, 7)
-        return sub.reshape(B, self.num_subdomains, C, *self.subimage_shape)
+        return torch.stack([x[(slice(None), slice(None), *window)] for window in self._windows], 1)
 
     def merge(self, subimages: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`split`: ``(B, N, C, *subimage_shape)`` -> ``(B, C, *image_shape)`` from the cores."""

@@ -63,3 +63,7 @@ class UnsafeArchiveError(DatasetError):
 
 class ChecksumError(DatasetError):
     """A downloaded or given file whose checksum does not match."""
+
+
+class DistributedError(DDCNNError):
+    """A distributed run cannot start, or a process lost contact with the others (one died or hung)."""

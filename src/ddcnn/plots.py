@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,3 +55,63 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path, title: s
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_method_accuracy(
+    summary: dict[str, dict[str, tuple[float, float]]], path: Path, title: str = "test accuracy"
+) -> Path:
+    """Grouped bars: one group per method, one bar per grid, height the mean test accuracy over seeds and error
+    bars its standard deviation. ``summary[method][grid] = (mean, std)``."""
+    methods = list(summary)
+    grids = sorted({g for cells in summary.values() for g in cells}, key=_grid_order)
+    width = 0.8 / max(len(grids), 1)
+    fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 0.35 * len(methods) * max(1, len(grids))), 3.8), dpi=120)
+    for j, grid in enumerate(grids):
+        xs = [i + (j - (len(grids) - 1) / 2) * width for i, m in enumerate(methods) if grid in summary[m]]
+        cells = [summary[m][grid] for m in methods if grid in summary[m]]
+        ax.bar(xs, [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=3, label=grid, color=f"C{j % 10}")
+    lows = [c[0] - c[1] for cells in summary.values() for c in cells.values()]
+    ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.05), 1.0)
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="grid", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_subdomain_heatmaps(
+    accuracies: dict[str, tuple[tuple[int, ...], Sequence[float]]], path: Path,
+    title: str = "test accuracy of each local CNN",
+) -> Path:
+    """Per-subdomain accuracies laid out as their grids: ``accuracies[label] = (grid, values in subdomain order)``
+    (row-major, last grid axis fastest, as :class:`~ddcnn.decomposition.Decomposition` orders them). A 3D grid
+    gets one panel per slice along its first axis."""
+    panels: list[tuple[str, Any]] = []
+    for label, (grid, values) in accuracies.items():
+        array = np.asarray(values, dtype=float).reshape(grid)
+        if array.ndim == 3:
+            panels += [(f"{label}, slice {k}", array[k]) for k in range(array.shape[0])]
+        else:
+            panels.append((label, array))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 0.6, 3.2), dpi=120, squeeze=False)
+    for ax, (label, array) in zip(axes[0], panels):
+        im = ax.imshow(array, cmap="viridis", vmin=0.0, vmax=1.0)
+        for (i, j), v in np.ndenumerate(array):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
+        ax.set_xticks(range(array.shape[1]))
+        ax.set_yticks(range(array.shape[0]))
+        ax.set_title(label, fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.046)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _grid_order(grid: str) -> tuple[int, str]:
+    """Grids by number of subdomains (``1x1`` first), then by name."""
+    return int(np.prod([int(n) for n in grid.split("x")])), grid

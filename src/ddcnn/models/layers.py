@@ -11,20 +11,133 @@ modules' parameters, which is what :func:`split_state_dict` and :func:`stack_sta
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+from itertools import product
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVGPOOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+class SmallMapConv:
+    """A convolution that, on feature maps with fewer pixels than its kernel has taps, runs as a batched matmul.
+
+    On a 2x2 map a 3x3 'same' convolution reads 4 input pixels per output pixel but a direct convolution pays for
+    all 9 taps, most of them zero padding, and (on CPU) runs a poorly vectorised kernel. Written as one dense
+    ``(C*Q) -> (C_out*P)`` map per group (``Q`` input and ``P`` output pixels; each entry is the kernel tap that
+    connects the two pixels, or zero), it costs ``Q/taps`` of the nominal FLOPs (4/9 on 2x2 maps) and is a single
+    ``bmm`` over all groups: 2-3x faster forward and backward on CPU (benchmarks/README.md). Larger maps use the
+    ordinary (grouped) convolution. Parameters, their names and shapes are exactly those of
+    :class:`torch.nn.Conv2d` / :class:`torch.nn.Conv3d`.
+
+    ``enabled`` (a class attribute, default True) switches the fast path off for all instances, e.g. to measure it.
+    """
+
+    enabled: bool = True
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            SmallMapConv.enabled
+            and math.prod(x.shape[2:]) < math.prod(self.kernel_size)
+            and self.padding_mode == "zeros"
+            and all(d == 1 for d in self.dilation)
+            and not isinstance(self.padding, str)
+        ):
+            return small_map_conv(x, self.weight, self.bias, self.stride, self.padding, self.groups)
+        return super().forward(x)
+
+
+class SmallMapConv2d(SmallMapConv, nn.Conv2d):
+    """:class:`torch.nn.Conv2d` with the small-map fast path of :class:`SmallMapConv`."""
+
+
+class SmallMapConv3d(SmallMapConv, nn.Conv3d):
+    """:class:`torch.nn.Conv3d` with the small-map fast path of :class:`SmallMapConv`."""
+
+
+_SMALL_MAP_CONV = {2: SmallMapConv2d, 3: SmallMapConv3d}
+
+
+@lru_cache(maxsize=256)
+def _tap_table(
+    in_shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """Which kernel tap (row-major flat index) connects output pixel ``p`` to input pixel ``q``, for all ``(p, q)``
+    in row-major order (``prod(kernel)`` where none does); the output shape; whether any pair is unconnected.
+
+    Plain Python on shapes, so that ``torch.compile`` folds it into a constant.
+    """
+    out_shape = tuple((n + 2 * pad - k) // s + 1 for n, k, s, pad in zip(in_shape, kernel, stride, padding))
+    none = math.prod(kernel)
+    table = []
+    for out in product(*map(range, out_shape)):
+        for inp in product(*map(range, in_shape)):
+            offsets = [i - o * s + pad for i, o, s, pad in zip(inp, out, stride, padding)]
+            tap = 0
+            for offset, k in zip(offsets, kernel):
+                tap = tap * k + offset
+            table.append(tap if all(0 <= t < k for t, k in zip(offsets, kernel)) else none)
+    return tuple(table), out_shape, none in table
+
+
+@lru_cache(maxsize=256)
+def _tap_index(
+    in_shape: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    device: torch.device,
+) -> torch.Tensor:
+    """:func:`_tap_table` as a long tensor on ``device``, made once per shape and device."""
+    return torch.tensor(_tap_table(in_shape, kernel, stride, padding)[0], device=device)
+
+
+def small_map_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """The grouped convolution of ``x`` (``(B, G*C, *in_shape)``) as one batched matmul with a dense per-group
+    matrix; equal to ``F.conv{2,3}d(x, weight, bias, stride, padding, groups=groups)``.
+
+    Pays off when the map has fewer pixels than the kernel has taps (see :class:`SmallMapConv`).
+    """
+    batch = x.shape[0]
+    in_shape, kernel = tuple(x.shape[2:]), tuple(weight.shape[2:])
+    stride, padding = tuple(stride), tuple(padding)
+    _, out_shape, unconnected = _tap_table(in_shape, kernel, stride, padding)
+    table = _tap_index(in_shape, kernel, stride, padding, x.device)
+    cout, cin, taps = weight.shape[0] // groups, weight.shape[1], math.prod(kernel)
+    p, q = math.prod(out_shape), math.prod(in_shape)
+    # dense[g, (p, o), (q, c)] = weight[g, o, c, tap(p, q)]: gather whole (C_out, C) blocks per (p, q) pair
+    blocks = weight.reshape(groups, cout, cin, taps).permute(0, 3, 1, 2)  # (G, taps, C_out, C)
+    blocks = torch.cat([blocks, blocks.new_zeros(groups, 1, cout, cin)], 1) if unconnected else blocks.contiguous()
+    dense = blocks.index_select(1, table).view(groups, p, q, cout, cin)
+    dense = dense.permute(0, 1, 3, 2, 4).reshape(groups, p * cout, q * cin)
+    # (B, G*C, *in_shape) -> (G, B, Q*C): pixel-major, channel-minor within each group
+    xg = x.movedim(1, -1).reshape(batch, q, groups, cin).permute(2, 0, 1, 3).reshape(groups, batch, q * cin)
+    out = torch.bmm(xg, dense.transpose(1, 2)).view(groups, batch, p, cout)
+    if bias is not None:
+        out = out + bias.view(groups, 1, 1, cout)
+    # (G, B, P, C_out) -> (B, G*C_out, *out_shape), channels-last unless the input was contiguous
+    out = out.permute(1, 2, 0, 3).reshape(batch, *out_shape, groups * cout).movedim(-1, 1)
+    return out.contiguous() if x.is_contiguous() else out
 
 
 def conv(dims: int, cin: int, cout: int, kernel: int, groups: int, stride: int = 1, bias: bool = False) -> nn.Module:
     """``groups`` independent ``cin -> cout`` convolutions with 'same'-style padding."""
-    return _CONV[dims](groups * cin, groups * cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias)
+    return _SMALL_MAP_CONV[dims](
+        groups * cin, groups * cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias
+    )
 
 
 def batchnorm(dims: int, channels: int, groups: int) -> nn.Module:
@@ -35,8 +148,33 @@ def maxpool(dims: int, kernel: int = 2, stride: int | None = None, padding: int 
     return _MAXPOOL[dims](kernel, stride=stride, padding=padding)
 
 
+class _AdaptiveAvgPool:
+    """Adaptive average pooling that passes the input through when it already has the output size."""
+
+    output_size: int | tuple[int, ...]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        size = self.output_size
+        target = (size,) * len(spatial) if isinstance(size, int) else tuple(size)
+        if all(t is None or t == s for t, s in zip(target, spatial)):
+            return x
+        return super().forward(x)
+
+
+class AdaptiveAvgPool2d(_AdaptiveAvgPool, nn.AdaptiveAvgPool2d):
+    """:class:`torch.nn.AdaptiveAvgPool2d`, free when the input already has the output size."""
+
+
+class AdaptiveAvgPool3d(_AdaptiveAvgPool, nn.AdaptiveAvgPool3d):
+    """:class:`torch.nn.AdaptiveAvgPool3d`, free when the input already has the output size."""
+
+
+_ADAPTIVE_AVGPOOL = {2: AdaptiveAvgPool2d, 3: AdaptiveAvgPool3d}
+
+
 def adaptive_avgpool(dims: int, size: int | tuple[int, ...]) -> nn.Module:
-    return _AVGPOOL[dims](size)
+    return _ADAPTIVE_AVGPOOL[dims](size)
 
 
 class GroupedLinear(nn.Module):

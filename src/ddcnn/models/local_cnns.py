@@ -2,11 +2,14 @@
 
 All subdomains run through one grouped backbone (``groups=N``): one convolution call, one batched matrix product
 per layer for all local CNNs, forward and backward. The local CNNs share nothing; each can be exported as an
-ordinary single backbone (:meth:`LocalCNNs.local_cnn`) and loaded back (:meth:`LocalCNNs.load_local_cnn`). With a
-``1x1`` grid the single "local" CNN sees the whole image: that is the global CNN.
+ordinary single backbone (:meth:`LocalCNNs.local_cnn`) and loaded back (:meth:`LocalCNNs.load_local_cnn`), and a
+process's share of them in model-parallel training is a :class:`LocalCNNs` of some subdomains
+(:meth:`LocalCNNs.subset`). With a ``1x1`` grid the single "local" CNN sees the whole image: that is the global CNN.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -80,6 +83,22 @@ class LocalCNNs(nn.Module):
             for name, value in own.items():
                 if value.dim() > 0:
                     value.chunk(self.num_subdomains)[index].copy_(state[name])
+
+    def subset(self, subdomains: Sequence[int]) -> LocalCNNs:
+        """A copy holding only the local CNNs of ``subdomains`` (subdomain indices, each held by this module), in
+        that order: one process's share in model-parallel training."""
+        missing = [i for i in subdomains if i not in self.subdomains]
+        if missing:
+            raise ValueError(f"subdomains {missing} are not among this module's {self.subdomains}")
+        with torch.random.fork_rng(devices=[]):  # building the copy must not advance the RNG of the run
+            part = LocalCNNs(
+                self.backbone_name, self.decomposition, self.in_channels, self.num_classes, self.width, list(subdomains)
+            )
+        state = self.net.state_dict()
+        part.net.load_state_dict(
+            stack_state_dicts([split_state_dict(state, self.num_subdomains, self.subdomains.index(i)) for i in subdomains])
+        )
+        return part.to(next(self.parameters()).device)
 
     @classmethod
     def from_local_cnns(

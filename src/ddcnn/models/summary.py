@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..config import format_grid, parse_grid
 from ..decomposition import Decomposition
+from ..errors import InputSizeError
 from .registry import create_model
 
 
@@ -61,7 +62,11 @@ def parameter_report(
         "|---|---:|---:|---:|---:|",
     ]
     for name in backbones:
-        c = count_backbone_parameters(name, shape, in_channels, num_classes, grid_t)
+        try:
+            c = count_backbone_parameters(name, shape, in_channels, num_classes, grid_t)
+        except InputSizeError as e:
+            lines.append(f"| {name} | - | - | - | {e} |")
+            continue
         lines.append(
             f"| {name} | {c.global_cnn:,} | {c.local_cnn:,} | {c.local_total:,} | {c.local_cnn / c.global_cnn:.3f} |"
         )

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import ConfigError, DDCNNError, TrainingDivergedError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+if TYPE_CHECKING:
+    from ..distributed import Parallel
 
 log = logging.getLogger("ddcnn")
 
@@ -91,7 +94,12 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: 
 
 
 def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW; weight decay on weight matrices and kernels only (not biases, norms)."""
+    """SGD (momentum, Nesterov) or AdamW; weight decay on weight matrices and kernels only (not biases, norms).
+
+    The fused implementation (one pass over each parameter, its gradient and its state) is used wherever torch
+    has one (floating-point parameters on CPU or CUDA): on CPU it makes SGD's step 5-9x faster than the default
+    per-parameter loop (benchmarks/README.md), with the same update and the same state dict.
+    """
     decay, no_decay = [], []
     for name, p in named_parameters:
         if p.requires_grad:
@@ -101,10 +109,12 @@ def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: T
         for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
         if g["params"]
     ]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay) or None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        nesterov = cfg.nesterov and cfg.momentum > 0
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
@@ -151,8 +161,13 @@ def evaluate(
     collect: bool = False,
     desc: str = "eval",
     progress: bool = False,
+    parallel: Parallel | None = None,
 ) -> EvalResult:
-    """Loss and accuracy of ``model`` on ``loader``; with ``collect``, also the probabilities and labels."""
+    """Loss and accuracy of ``model`` on ``loader``; with ``collect``, also the probabilities and labels.
+
+    With ``parallel``, ``model`` is this process's share of a distributed model, every process evaluates the same
+    ``loader``, and the result is the whole model's (all subdomains' probabilities gathered).
+    """
     was_training = model.training
     model.eval()
     loss_sum, seen, correct = 0.0, 0, None
@@ -172,12 +187,17 @@ def evaluate(
     model.train(was_training)
     if seen == 0:
         raise DDCNNError("evaluation saw no images; the split is empty, use a larger dataset or fraction")
-    acc = (correct.float() / seen).cpu()
+    loss, acc = loss_sum / seen, (correct.float() / seen).cpu()
+    probabilities = torch.cat(probs) if collect else None
+    if parallel is not None:
+        loss, acc = parallel.reduce_metrics(loss, acc)
+        if probabilities is not None and probabilities.dim() == 3:
+            probabilities = parallel.gather(probabilities)
     return EvalResult(
-        loss=loss_sum / seen,
+        loss=loss,
         accuracy=float(acc.mean()),
         subdomain_accuracy=acc.tolist() if acc.dim() == 1 else None,
-        probabilities=torch.cat(probs) if collect else None,
+        probabilities=probabilities,
         labels=torch.cat(labels) if collect else None,
     )
 
@@ -227,8 +247,10 @@ class Trainer:
 
     ``meta`` and ``config`` are stored in every checkpoint (what the model is, and the resolved run config).
     ``save`` is False on processes that must not write (non-primary ranks). ``parameters`` restricts training
-    to some parameters (the rest stay frozen). ``sync`` (optional) is called after each backward pass, for
-    gradient communication that DDP does not do.
+    to some parameters (the rest stay frozen). ``parallel``: ``model`` is this process's share of a model trained
+    by several processes (see :class:`ddcnn.distributed.Parallel`); then every process runs ``fit`` on the same
+    data (its share of each batch from ``train_loader``, every validation image), the logged numbers are the whole
+    model's, the checkpoint is the one a single process would write, and checkpoints are written at epoch ends only.
     """
 
     model: nn.Module
@@ -242,7 +264,7 @@ class Trainer:
     desc: str = "train"
     save: bool = True
     parameters: list[tuple[str, nn.Parameter]] | None = None
-    sync: Callable[[], None] | None = None
+    parallel: Parallel | None = None
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
@@ -274,11 +296,20 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> None:
-        if self.save and self.checkpoint is not None:
-            save_checkpoint(self.state_dict(), self.checkpoint)
+        if self.checkpoint is None:
+            return
+        state = self.state_dict()
+        if self.parallel is not None:
+            state = self.parallel.gather_state(state, self.model, self.optimizer)
+        if self.save:
+            save_checkpoint(state, self.checkpoint)
+        if self.parallel is not None:
+            self.parallel.ctx.barrier()  # the checkpoint is there for every process to read
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        if self.parallel is not None:
+            state = self.parallel.local_state(state, self.model, self.optimizer)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") and self.scheduler is not None:
@@ -302,12 +333,17 @@ class Trainer:
             self.load_checkpoint(self.checkpoint)
         with _StopOnSignal() as stop:
             while self.epoch < self.epochs:
+                sent = self._bytes_sent()
                 row = self._train_epoch(train_loader, stop)
+                if self.parallel is not None:
+                    self.parallel.sync_buffers(self.model)
                 if val_loader is not None:
-                    val = evaluate(self.model, val_loader, self.cfg, self.device)
+                    val = evaluate(self.model, val_loader, self.cfg, self.device, parallel=self.parallel)
                     row.update(val_loss=val.loss, val_accuracy=val.accuracy)
                     if val.subdomain_accuracy is not None and len(val.subdomain_accuracy) > 1:
                         row["val_subdomain_accuracy"] = val.subdomain_accuracy
+                if self.parallel is not None:
+                    row["comm_bytes_per_epoch"] = self._bytes_sent() - sent
                 self.history.append(row)
                 self.epoch, self.step, self._partial = self.epoch + 1, 0, {}
                 if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.epochs:
@@ -325,6 +361,8 @@ class Trainer:
         correct = p.get("correct")
         correct = correct.to(device) if correct is not None else None
         seconds = p.get("seconds", 0.0)
+        params = [param for group in self.optimizer.param_groups for param in group["params"]]
+        sent, first_step = self._bytes_sent(), self.step
         bar = tqdm(
             total=len(loader),
             initial=self.step,
@@ -347,10 +385,12 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.sync is not None:
-                self.sync()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], cfg.grad_clip)
+            if self.parallel is not None:
+                self.parallel.sync_gradients(params)
+            if cfg.grad_clip and self.parallel is not None:
+                self.parallel.clip_grad_norm_(self.model, params, cfg.grad_clip)
+            elif cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             with torch.no_grad():
@@ -367,6 +407,13 @@ class Trainer:
                     acc=f"{float(correct.float().mean()) / seen:.3f}",
                     img_s=f"{seen / elapsed:.0f}",
                 )
+            if stop.requested is not None and self.parallel is not None and self.parallel.ctx.distributed:
+                bar.close()  # the processes stop at different steps: only the epochs' checkpoints are consistent
+                raise TrainingInterrupted(
+                    f"{self.desc}: stopped by signal {stop.requested} at epoch {self.epoch + 1}, step {self.step}; "
+                    f"run again with --resume to continue from the last epoch's checkpoint {self.checkpoint}",
+                    stop.requested,
+                )
             if stop.requested is not None:
                 self._partial = {
                     "loss_sum": loss_sum,
@@ -382,13 +429,18 @@ class Trainer:
                     stop.requested,
                 )
         bar.close()
-        seconds += time.perf_counter() - start
-        self.train_seconds += time.perf_counter() - start
-        acc = correct.float().cpu() / max(seen, 1)
+        step_bytes = (self._bytes_sent() - sent) / max(self.step - first_step, 1)
+        loss, acc = loss_sum / max(seen, 1), correct.float().cpu() / max(seen, 1)
+        if self.parallel is not None:  # the whole model's numbers; waiting for the slowest process is training time
+            loss, acc = self.parallel.reduce_metrics(loss, acc)
+            seen *= self.parallel.shard[1]
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        self.train_seconds += elapsed
         row: dict[str, Any] = {
             "phase": self.desc,
             "epoch": self.epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
+            "train_loss": loss,
             "train_accuracy": float(acc.mean()),
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
@@ -397,16 +449,35 @@ class Trainer:
         }
         if acc.dim() == 1 and len(acc) > 1:
             row["train_subdomain_accuracy"] = acc.tolist()
+        if self.parallel is not None:
+            row["comm_bytes_per_step"] = step_bytes
         return row
+
+    def _bytes_sent(self) -> int:
+        return self.parallel.communication.total if self.parallel is not None else 0
 
     def _log_row(self, row: dict[str, Any]) -> None:
         text = f"{self.desc} epoch {row['epoch']}/{self.epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
         if "val_accuracy" in row:
             text += f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
         text += f" | {row['images_per_second']:.0f} img/s"
+        if self.parallel is not None and self.parallel.ctx.distributed:
+            text += (
+                f" | sent {format_bytes(row['comm_bytes_per_step'])}/step, "
+                f"{format_bytes(row['comm_bytes_per_epoch'])}/epoch"
+            )
         log.info(text)
         if self.save and self.log_csv is not None:
             write_csv(self.log_csv, self.history)  # the whole history: the CSV always matches the checkpoint
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 kB"`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

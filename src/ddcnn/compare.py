@@ -1,0 +1,312 @@
+"""``ddcnn compare``: every method on every grid and seed, as in the papers' tables.
+
+For each seed the global CNN is trained once (grid ``1x1``); for each other grid, in its own folder
+``<out>/<grid>/seed<seed>/``, the local phase, then every aggregator on its frozen local CNNs, then the coherent
+CNN-DNN and transfer learning from the local phase. With ``resume`` every phase whose checkpoint is finished is
+loaded, not trained again, so an interrupted comparison continues where it stopped.
+
+Writes to ``out``: ``results.json`` (``{"config", "rows"}``, one row per method, grid and seed, and for ``local``
+one row per subdomain), ``results.md`` (the tables), ``accuracy.png``, ``curves_<grid>.png`` and
+``subdomains.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, format_grid, parse_grid
+from .data import DatasetSplits, load_dataset
+from .distributed import DistContext, primary_first
+from .errors import ConfigError, UnknownNameError
+from .methods import (
+    Experiment,
+    MethodResult,
+    aggregation_phase,
+    check_aggregator_inputs,
+    run_coherent,
+    run_global,
+    run_local,
+    run_transfer,
+)
+from .models.aggregators import list_aggregators
+from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
+from .train.engine import format_bytes
+
+log = logging.getLogger("ddcnn")
+
+AGGREGATORS = tuple(list_aggregators())
+COMPARE_METHODS = ("global", "local", *AGGREGATORS, "coherent", "transfer")
+PHASE_EPOCHS = {"global": 1, "local": 2, "dnn": 5, "coherent": 1}  # a phase's epochs per `epochs`, by default
+
+
+@dataclass
+class CompareConfig:
+    """One comparison. Defaults: ``ddcnn compare --dataset mnist5k --grids 2x2`` (``make demo``) takes about five
+    minutes on two CPU cores."""
+
+    out: str = "runs/compare"
+    grids: tuple[str, ...] = ("2x2", "4x4")  # decompositions; 1x1 (the global CNN) is trained for every seed anyway
+    seeds: tuple[int, ...] = (0,)  # training seeds (initialisation and batch order); the data split is fixed
+    methods: tuple[str, ...] = COMPARE_METHODS  # a subset of these
+    # epochs of each phase; None: a multiple of `epochs` (PHASE_EPOCHS), so --epochs scales them all
+    epochs: int = 4
+    global_epochs: int | None = None  # None: epochs
+    local_epochs: int | None = None  # None: 2 x epochs (the papers pretrain the local CNNs much longer)
+    dnn_epochs: int | None = None  # None: 5 x epochs (an epoch on N*K probabilities costs next to nothing)
+    coherent_epochs: int | None = None  # coherent and transfer; None: epochs
+    aggregator_inputs: str = "train"  # see RunConfig
+    transfer_aggregator: bool = False  # see RunConfig
+    resume: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="vgg3", width=0.5))  # grid: see grids
+    train: TrainConfig = field(default_factory=TrainConfig)  # epochs: see the fields above; seed: see seeds
+
+    def __post_init__(self) -> None:
+        self.grids = tuple(format_grid(parse_grid(g)) for g in self.grids)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.methods = tuple(self.methods)
+        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
+        if unknown:
+            raise UnknownNameError("method", unknown[0], COMPARE_METHODS)
+        if not self.grids or not self.seeds or not self.methods:
+            raise ConfigError("compare needs at least one grid, one seed and one method")
+        check_aggregator_inputs(self.aggregator_inputs)
+
+    def phase_epochs(self, phase: str) -> int:
+        """Epochs of ``phase``: global, local, dnn (every trained aggregator) or coherent (and transfer)."""
+        value = getattr(self, f"{phase}_epochs")
+        return PHASE_EPOCHS[phase] * self.epochs if value is None else value
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict[str, Any]]
+    markdown: str
+    out: Path
+
+
+def _run_config(cc: CompareConfig, grid: str, seed: int, folder: Path, epochs: int, pretrained: bool) -> RunConfig:
+    """One phase's run configuration; ``pretrained``: it starts from the local phase in ``folder``."""
+    return RunConfig(
+        out=str(folder),
+        data=cc.data,
+        model=replace(cc.model, grid=parse_grid(grid)),
+        train=replace(cc.train, epochs=epochs, seed=seed),
+        local_epochs=cc.phase_epochs("local"),
+        dnn_epochs=cc.phase_epochs("dnn"),
+        pretrained=str(folder) if pretrained else None,
+        aggregator_inputs=cc.aggregator_inputs,
+        transfer_aggregator=cc.transfer_aggregator,
+        resume=cc.resume,
+    )
+
+
+def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
+    """Result rows; the local phase gives one row per subdomain (each local CNN's own accuracies)."""
+    if result.method != "local":
+        return [result.row(seed=seed)]
+    n = len(result.extra["test_subdomain_accuracy"])
+    train = result.extra.get("train_subdomain_accuracy") or [None] * n
+    return [
+        {
+            "method": "local",
+            "grid": result.grid,
+            "seed": seed,
+            "subdomain": i,
+            "test_accuracy": result.extra["test_subdomain_accuracy"][i],
+            "val_accuracy": result.extra["val_subdomain_accuracy"][i],
+            "train_accuracy": train[i],
+            "parameters": result.parameters // n,
+            "train_seconds": result.train_seconds,  # of the whole local phase: all local CNNs at once
+            "total_train_seconds": result.train_seconds,
+            "images_per_second": result.images_per_second,
+            "ensemble_test_accuracy": result.test.accuracy,  # the local CNNs' mean probability
+            "model_parallel_bytes_per_step": result.extra["model_parallel_bytes_per_step"],
+            "data_parallel_bytes_per_step": result.extra["data_parallel_bytes_per_step"],
+        }
+        for i in range(n)
+    ]
+
+
+def compare(cc: CompareConfig, data: DatasetSplits | None = None, dist: DistContext | None = None) -> CompareResult:
+    """Run the comparison (see the module docstring) and write its results; returns the rows and the table. In a
+    distributed run (``dist``) every process calls this, each phase is distributed, and rank 0 writes."""
+    out = Path(cc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dist = dist or DistContext()
+    if data is None:
+        with primary_first(dist):
+            data = load_dataset(cc.data)
+    methods = set(cc.methods)
+    aggregators = [a for a in AGGREGATORS if a in methods]
+    if "transfer" in methods and cc.transfer_aggregator and cc.model.aggregator not in aggregators:
+        aggregators.append(cc.model.aggregator)  # transfer starts from it (its row is left out)
+    grids = [g for g in cc.grids if g != "1x1"]
+    rows: list[dict[str, Any]] = []
+    histories: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(dict)  # first seed's curves, per grid
+
+    def phase(grid: str, seed: int, name: str, epochs: int, pretrained: bool = False) -> Experiment:
+        folder = out / grid / f"seed{seed}"
+        log.info("== seed %d, grid %s: %s ==", seed, grid, name)
+        return Experiment.from_config(_run_config(cc, grid, seed, folder, epochs, pretrained), data=data, dist=dist)
+
+    def record(results: Sequence[MethodResult], seed: int) -> None:
+        for result in results:
+            if result.method not in methods:
+                continue
+            rows.extend(_rows(result, seed))
+            if seed == cc.seeds[0] and result.history:
+                histories[result.grid][result.method] = result.history
+
+    for seed in cc.seeds:
+        if "global" in methods:
+            record([run_global(phase("1x1", seed, "global CNN", cc.phase_epochs("global")))], seed)
+        for grid in grids:
+            if methods & {"local", "transfer", *aggregators}:
+                record([run_local(phase(grid, seed, "local phase", cc.phase_epochs("local")))], seed)
+            if aggregators:
+                name = f"aggregators {', '.join(aggregators)}"
+                exp = phase(grid, seed, name, cc.phase_epochs("dnn"), pretrained=True)
+                record(aggregation_phase(exp, aggregators), seed)
+            if "coherent" in methods:
+                record([run_coherent(phase(grid, seed, "coherent CNN-DNN", cc.phase_epochs("coherent")))], seed)
+            if "transfer" in methods:
+                exp = phase(grid, seed, "transfer learning", cc.phase_epochs("coherent"), pretrained=True)
+                record([run_transfer(exp)], seed)
+
+    markdown = results_markdown(rows, cc, data.name)
+    if dist.is_primary:
+        (out / "results.json").write_text(json.dumps({"config": config_to_dict(cc), "rows": rows}, indent=2))
+        (out / "results.md").write_text(markdown)
+        _plots(rows, histories, out)
+        log.info("results in %s", out)
+    return CompareResult(rows, markdown, out)
+
+
+# -- the tables -------------------------------------------------------------------------------------------------
+
+
+def _cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def summarize(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[str, dict[str, list[float]]]:
+    """``{method: {grid: [value per seed]}}``; for ``local``, each seed's mean over the subdomains."""
+    per_seed: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(key) is not None:
+            per_seed[row["method"], row["grid"], row["seed"]].append(float(row[key]))
+    out: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for (method, grid, _), values in per_seed.items():
+        out[method].setdefault(grid, []).append(statistics.mean(values))
+    return {m: out[m] for m in COMPARE_METHODS if m in out}
+
+
+_NOTES = {
+    "local": "local CNNs: the mean of the subdomains' own accuracies (each local CNN alone); per subdomain in "
+    "results.json and subdomains.png",
+}
+
+
+def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset: str) -> str:
+    """The paper-style table (methods by grids, mean ± std over seeds) and a table of parameters and time."""
+    accuracy = summarize(rows)
+    grids = sorted({g for cells in accuracy.values() for g in cells}, key=lambda g: (math.prod(parse_grid(g)), g))
+    seeds = len(cc.seeds)
+    stats = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
+    lines = [
+        f"# {dataset}: test accuracy ({stats})",
+        "",
+        f"backbone {cc.model.backbone} (width {cc.model.width}), epochs: global {cc.phase_epochs('global')}, local "
+        f"{cc.phase_epochs('local')}, aggregators {cc.phase_epochs('dnn')}, coherent and transfer "
+        f"{cc.phase_epochs('coherent')}; aggregator inputs: {cc.aggregator_inputs}.",
+        "",
+        "| method | " + " | ".join(grids) + " |",
+        "|---|" + "---:|" * len(grids),
+    ]
+    for method, cells in accuracy.items():
+        lines.append(f"| {method} | " + " | ".join(_cell(cells.get(g, [])) for g in grids) + " |")
+    lines += ["", *(f"- {m}: {note}" for m, note in _NOTES.items() if m in accuracy)]
+
+    parameters, phase_seconds, total_seconds = summarize(rows, "parameters"), summarize(rows, "train_seconds"), \
+        summarize(rows, "total_train_seconds")
+    model_parallel, data_parallel = summarize(rows, "model_parallel_bytes_per_step"), \
+        summarize(rows, "data_parallel_bytes_per_step")
+    lines += [
+        "",
+        "## Parameters, training time and communication",
+        "",
+        "| method | grid | parameters | training s (own phase) | training s (incl. local phase) "
+        "| sent per step, model parallel | all-reduced per step, data parallel |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, cells in parameters.items():
+        for grid in grids:
+            if grid not in cells:
+                continue
+            params = int(cells[grid][0])
+            if method == "local":
+                params_text = f"{math.prod(parse_grid(grid))} x {params:,}"
+            else:
+                params_text = f"{params:,}"
+            lines.append(
+                f"| {method} | {grid} | {params_text} | {_cell(phase_seconds[method][grid], '{:.1f}')} | "
+                f"{_cell(total_seconds.get(method, {}).get(grid, []), '{:.1f}')} | "
+                f"{_bytes_cell(model_parallel, method, grid)} | {_bytes_cell(data_parallel, method, grid)} |"
+            )
+    lines += [
+        "",
+        "Training time is wall-clock seconds of the training epochs (evaluation excluded). *Own phase*: the local "
+        "phase for local (all local CNNs at once, so the same for every subdomain); for dnn and linear, computing "
+        "the frozen local CNNs' training inputs plus training the aggregator; for weighted, the local CNNs on the "
+        "validation split plus the fit; mean, logmean and vote need no training (0). *Incl. local phase*: the same "
+        "plus the local phase the aggregator or transfer learning starts from. Parameters of an aggregator's row and "
+        "of coherent and transfer are the whole CNN-DNN's (local CNNs plus aggregator).",
+        "",
+        "Communication per training step (docs/distributed.md), with the batch of the whole job: *model parallel*, "
+        "the subdomains spread over the processes (`torchrun ... --parallel model`): nothing for the local CNNs, "
+        "the batch's local probabilities (B*N*K floats, forward only) for coherent and transfer; the aggregators "
+        "train on every process on inputs gathered once (N*K numbers per image); one CNN (global) is data parallel "
+        "either way. *Data parallel*, the baseline (`--parallel data`): an all-reduce of every trained parameter.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _bytes_cell(values: dict[str, dict[str, list[float]]], method: str, grid: str) -> str:
+    """A volume in bytes from :func:`summarize`'s ``values`` (the same for every seed)."""
+    cell = values.get(method, {}).get(grid)
+    return format_bytes(cell[0]) if cell else ""
+
+
+def _plots(rows: Sequence[dict[str, Any]], histories: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> None:
+    accuracy = summarize(rows)
+    summary = {
+        m: {g: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for g, v in cells.items()}
+        for m, cells in accuracy.items()
+    }
+    plot_method_accuracy(summary, out / "accuracy.png")
+    for grid, curves in histories.items():
+        plot_curves(curves, out / f"curves_{grid}.png", title=f"training curves, grid {grid} (first seed)")
+    per_subdomain: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for row in rows:
+        if row["method"] == "local":
+            per_subdomain[row["grid"], row["subdomain"]].append(row["test_accuracy"])
+    heatmaps = {}
+    for grid in sorted({g for g, _ in per_subdomain}, key=lambda g: math.prod(parse_grid(g))):
+        n = math.prod(parse_grid(grid))
+        heatmaps[grid] = (parse_grid(grid), [statistics.mean(per_subdomain[grid, i]) for i in range(n)])
+    if heatmaps:
+        plot_subdomain_heatmaps(heatmaps, out / "subdomains.png")

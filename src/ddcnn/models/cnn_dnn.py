@@ -1,0 +1,141 @@
+"""The CNN-DNN: the local CNNs of a decomposition composed with an aggregator, ``g(f_1(x_1), ..., f_N(x_N))``.
+
+The local CNNs' logits become probabilities (softmax, in float32) and the aggregator maps them to class scores, so
+the composition is one differentiable model: frozen local CNNs for the aggregation phase, trained end to end for
+coherent training and transfer learning. :meth:`CNNDNN.from_pretrained` starts it from a local-phase (or CNN-DNN)
+checkpoint, asserting that the checkpoint's backbone, grid and classes and every parameter name and shape fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointMismatchError
+from ..train.checkpoint import check_metadata, load_checkpoint
+from .aggregators import Aggregator
+from .local_cnns import LocalCNNs, _check_compatible
+
+LOCAL_PREFIX = "local_cnns."
+AGGREGATOR_PREFIX = "aggregator."
+
+
+def local_cnns_meta(local_cnns: LocalCNNs) -> dict[str, Any]:
+    """What a checkpoint's ``meta`` must say for its local CNNs to fit ``local_cnns``."""
+    d = local_cnns.decomposition
+    return {
+        "backbone": local_cnns.backbone_name,
+        "width": local_cnns.width,
+        "grid": list(d.grid),
+        "overlap": d.overlap,
+        "in_channels": local_cnns.in_channels,
+        "num_classes": local_cnns.num_classes,
+        "image_shape": list(d.image_shape),
+    }
+
+
+class CNNDNN(nn.Module):
+    """``(B, C, *image_shape)`` -> class scores ``(B, K)`` of ``aggregator`` on the local CNNs' probabilities.
+
+    In model-parallel training ``local_cnns`` is one process's share of the local CNNs and ``gather`` maps their
+    probabilities ``(B, n, K)`` to all subdomains' ``(B, N, K)``, differentiably
+    (:meth:`ddcnn.distributed.Parallel.subdomain_gather`); every process holds the same aggregator.
+    """
+
+    def __init__(
+        self,
+        local_cnns: LocalCNNs,
+        aggregator: Aggregator,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        n, k = local_cnns.decomposition.num_subdomains, local_cnns.num_classes
+        if local_cnns.num_subdomains != n and gather is None:
+            raise ValueError("a CNN-DNN needs the local CNNs of all subdomains, or a gather of their probabilities")
+        if (aggregator.num_subdomains, aggregator.num_classes) != (n, k):
+            raise ValueError(
+                f"aggregator for {aggregator.num_subdomains} subdomains and {aggregator.num_classes} classes "
+                f"does not fit {n} local CNNs of {k} classes"
+            )
+        self.local_cnns, self.aggregator, self.gather = local_cnns, aggregator, gather
+
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        """The local CNNs' probabilities ``(B, N, K)``."""
+        probabilities = self.local_cnns(x).float().softmax(-1)
+        return probabilities if self.gather is None else self.gather(probabilities)
+
+    def forward_with_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class scores ``(B, K)`` and the local probabilities ``(B, N, K)`` they come from, in one pass."""
+        probabilities = self.forward_local(x)
+        return self.aggregator(probabilities), probabilities
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aggregator(self.forward_local(x))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path | dict[str, Any],
+        local_cnns: LocalCNNs,
+        aggregator: Aggregator,
+        *,
+        with_aggregator: bool = False,
+    ) -> CNNDNN:
+        """A CNN-DNN of (freshly built) ``local_cnns`` and ``aggregator``, its local CNNs copied from a checkpoint.
+
+        ``checkpoint`` (a path, or a loaded checkpoint, named in errors by its ``"path"`` entry if it has one) is
+        one of the local phase or of a CNN-DNN; with
+        ``with_aggregator`` the aggregator is copied too, from a CNN-DNN checkpoint with the same aggregator. See
+        :func:`load_pretrained_local_cnns` and :func:`load_pretrained_aggregator` for what is checked.
+        """
+        state = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
+        source = str(checkpoint) if not isinstance(checkpoint, dict) else str(state.get("path", "(loaded)"))
+        load_pretrained_local_cnns(state, local_cnns, source)
+        if with_aggregator:
+            load_pretrained_aggregator(state, aggregator, source)
+        return cls(local_cnns, aggregator)
+
+
+def load_pretrained_local_cnns(state: dict[str, Any], local_cnns: LocalCNNs, source: str) -> LocalCNNs:
+    """Copy the local CNNs of checkpoint ``state`` (of the local phase, ``meta["kind"] == "local_cnns"``, or of a
+    CNN-DNN) into ``local_cnns``.
+
+    Raises :class:`CheckpointMismatchError` naming ``source`` when the checkpoint holds another kind of model, or
+    another backbone, width, grid, overlap, image shape, channels or number of classes (from its ``meta``), or when
+    any parameter name or shape differs.
+    """
+    kind = state.get("meta", {}).get("kind")
+    if kind not in ("local_cnns", "cnn_dnn"):
+        raise CheckpointMismatchError(
+            f"checkpoint {source} holds a {kind!r} model, not local CNNs or a CNN-DNN; pass the local phase's "
+            "checkpoint (local.pt) or a CNN-DNN's"
+        )
+    check_metadata(state, local_cnns_meta(local_cnns), source)
+    weights = state["model"] if kind == "local_cnns" else _strip(state["model"], LOCAL_PREFIX)
+    _check_compatible(local_cnns.state_dict(), weights, what=f"the local CNNs of {source}")
+    local_cnns.load_state_dict(weights)
+    return local_cnns
+
+
+def load_pretrained_aggregator(state: dict[str, Any], aggregator: Aggregator, source: str) -> Aggregator:
+    """Copy the aggregator of CNN-DNN checkpoint ``state`` into ``aggregator`` (same name, names and shapes)."""
+    meta = state.get("meta", {})
+    if meta.get("kind") != "cnn_dnn":
+        raise CheckpointMismatchError(
+            f"checkpoint {source} holds no trained aggregator (it is a {meta.get('kind')!r} checkpoint); pass a "
+            "CNN-DNN checkpoint such as dnn.pt"
+        )
+    check_metadata(state, {"aggregator": aggregator.name}, source)
+    weights = _strip(state["model"], AGGREGATOR_PREFIX)
+    _check_compatible(aggregator.state_dict(), weights, what=f"the {aggregator.name} aggregator of {source}")
+    aggregator.load_state_dict(weights)
+    return aggregator
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny learnable dataset as an .npz file, and run configurations that train in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddcnn.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+
+def write_tiny_npz(
+    path: Path, n: int = 150, shape: tuple[int, ...] = (16, 16), classes: int = 3, seed: int = 0
+) -> Path:
+    """``n`` noisy gray images (or volumes) whose class is a bright block at a class-dependent place."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 80, size=(n, *shape), dtype=np.uint8)
+    block = [s // 4 for s in shape]
+    for k in range(classes):
+        corner = [(k * s // classes) for s in shape]
+        where = tuple(slice(c, c + b) for c, b in zip(corner, block))
+        images[(labels == k, *where)] = 255
+    np.savez(path, x=images, y=labels, class_names=np.array(["a", "b", "c"][:classes]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_npz():
+    """:func:`write_tiny_npz`, for tests that need other sizes or volumes."""
+    return write_tiny_npz
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    return write_tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_config(tiny_npz, tmp_path_factory) -> DataConfig:
+    """150 images of 16x16: 108 train, 12 val, 30 test."""
+    return DataConfig(
+        dataset=f"npz:{tiny_npz}", batch_size=16, eval_batch_size=64, crop_padding=1,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+
+
+@pytest.fixture
+def tiny_run(tiny_data_config):
+    """``tiny_run(out, **changes)``: a RunConfig of a vgg3 at width 0.25 on a 2x2 grid, 1 epoch per phase."""
+
+    def make(out: Path, **changes) -> RunConfig:
+        model = ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))
+        train = TrainConfig(epochs=1, progress=False, threads=None)
+        cfg = RunConfig(out=str(out), data=tiny_data_config, model=model, train=train, dnn_epochs=3)
+        for key, value in changes.items():
+            section, _, field = key.rpartition("__")  # model__grid=(4, 4) sets cfg.model.grid
+            setattr(getattr(cfg, section) if section else cfg, field, value)
+        return cfg
+
+    return make

@@ -1,0 +1,373 @@
+"""ddcnn.distributed: the context, the subdomain assignment, each collective against its 1-process twin, and whole
+runs under torchrun against 1-process runs.
+
+The collectives run as 2 gloo processes on the CPU (``torch.multiprocessing.spawn``); every process also computes
+the 1-process reference itself, from the same seed, and compares. The whole runs are ``ddcnn train`` under
+``python -m torch.distributed.run`` on a tiny dataset, one thread per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+import ddcnn
+from ddcnn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
+from ddcnn.decomposition import Decomposition
+from ddcnn.distributed import (
+    DistContext,
+    Parallel,
+    RankFilter,
+    assign_subdomains,
+    balanced_blocks,
+    data_parallel_bytes_per_step,
+    distributed_session,
+)
+from ddcnn.errors import ConfigError, DistributedError
+from ddcnn.models import LocalCNNs
+from ddcnn.models.aggregators import create_aggregator
+from ddcnn.train import load_checkpoint
+from ddcnn.train.engine import build_optimizer, classification_loss
+
+B, K = 6, 3
+DECOMPOSITION = Decomposition((2, 2), (12, 12))
+
+
+# -- the context ------------------------------------------------------------------------------------------------
+
+
+def test_context_from_torchrun_environment():
+    ctx = DistContext.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, device="cpu")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend) == (3, 4, 1, "gloo")
+    assert ctx.distributed and not ctx.is_primary and ctx.device == torch.device("cpu")
+
+
+def test_context_from_srun_environment_and_torchrun_first():
+    slurm = {"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "0"}
+    assert DistContext.from_env(slurm, device="cpu").rank == 2
+    both = {**slurm, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    assert DistContext.from_env(both, device="cpu").world_size == 2
+
+
+def test_one_process_needs_no_process_group():
+    for env in ({}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}):  # a batch script, not an srun task
+        ctx = DistContext.from_env(env, device="cpu")
+        assert ctx == DistContext() and ctx.backend is None and ctx.is_primary and not ctx.distributed
+
+
+@pytest.mark.parametrize("env", [{"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, {"RANK": "x", "WORLD_SIZE": "2"}])
+def test_bad_launcher_variables_are_refused(env):
+    with pytest.raises(DistributedError):
+        DistContext.from_env(env, device="cpu")
+
+
+def test_rank_filter_keeps_warnings_only_and_names_the_rank():
+    rank_filter = RankFilter(2)
+
+    def record(level: int) -> logging.LogRecord:
+        return logging.LogRecord("ddcnn", level, __file__, 1, "message", None, None)
+
+    assert not rank_filter.filter(record(logging.INFO))
+    warning = record(logging.WARNING)
+    assert rank_filter.filter(warning) and warning.getMessage() == "[rank 2] message"
+
+
+# -- the assignment ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, p, expected",
+    [
+        (4, 1, [(0, 1, 2, 3)]),
+        (4, 2, [(0, 1), (2, 3)]),
+        (4, 3, [(0,), (1,), (2, 3)]),
+        (4, 4, [(0,), (1,), (2,), (3,)]),
+        (2, 3, [(0,), (1,), (1,)]),
+        (1, 2, [(0,), (0,)]),
+    ],
+)
+def test_assign_subdomains(n, p, expected):
+    assert assign_subdomains(n, p) == expected
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+@pytest.mark.parametrize("p", range(1, 17))
+def test_assignment_is_balanced_contiguous_and_complete(n, p):
+    placement = assign_subdomains(n, p)
+    holders = [[r for r, held in enumerate(placement) if i in held] for i in range(n)]
+    assert all(holders) and all(list(held) == list(range(held[0], held[-1] + 1)) for held in placement)
+    sizes = [len(held) for held in placement] if p <= n else [len(ranks) for ranks in holders]
+    assert max(sizes) - min(sizes) <= 1
+    assert [i for block in balanced_blocks(n, p) for i in block] == list(range(n))
+
+
+def test_one_process_parallel_is_the_identity():
+    parallel = Parallel(DistContext(), 4)
+    local_cnns = LocalCNNs("vgg3", DECOMPOSITION, 1, K, width=0.25)
+    x = torch.randn(B, 4, K)
+    assert parallel.local_cnns(local_cnns) is local_cnns and parallel.gather(x) is x
+    assert parallel.subdomain_gather() is None and parallel.shard == (0, 1) and parallel.batch_size(16) == 16
+    loss, accuracy = parallel.reduce_metrics(1.5, torch.tensor([0.5, 1.0]))
+    assert loss == 1.5 and accuracy.tolist() == [0.5, 1.0] and parallel.communication.total == 0
+
+
+def test_data_parallel_shares_split_the_batch():
+    parallel = Parallel(DistContext(rank=1, world_size=4), 4, mode="data")
+    assert parallel.subdomains == (0, 1, 2, 3) and parallel.shard == (1, 4) and parallel.batch_size(16) == 4
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        parallel.batch_size(10)
+
+
+def test_subset_holds_the_same_local_cnns_and_leaves_the_rng_alone():
+    torch.manual_seed(0)
+    full = LocalCNNs("vgg3", DECOMPOSITION, 1, K, width=0.25).eval()
+    state = torch.get_rng_state()
+    part = full.subset([2, 3]).eval()
+    assert torch.equal(torch.get_rng_state(), state)
+    x = torch.randn(B, 1, 12, 12)
+    torch.testing.assert_close(part(x), full(x)[:, 2:])
+
+
+def test_data_parallel_volume_is_the_parameter_bytes():
+    model = create_aggregator("linear", 4, K)
+    assert data_parallel_bytes_per_step(model) == (4 * K * K + K) * 4
+
+
+# -- collectives against their 1-process twins ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, check: Callable[[DistContext], None]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0"
+    )
+    torch.set_num_threads(1)
+    with distributed_session("cpu", timeout_minutes=1.0) as ctx:
+        check(ctx)
+
+
+def spawn(check: Callable[[DistContext], None], world_size: int = 2) -> None:
+    """Run ``check(ctx)`` in ``world_size`` gloo processes; a failure in any of them fails the test."""
+    mp.spawn(_worker, args=(world_size, _free_port(), check), nprocs=world_size)
+
+
+def _models(seed: int = 0) -> tuple[LocalCNNs, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The same local CNNs, DNN aggregator and batch in every process."""
+    torch.manual_seed(seed)
+    local_cnns = LocalCNNs("vgg3", DECOMPOSITION, 1, K, width=0.25)
+    aggregator = create_aggregator("dnn", 4, K, hidden=(8,), dropout=0.0)
+    return local_cnns, aggregator, torch.randn(B, 1, 12, 12), torch.randint(0, K, (B,))
+
+
+def _check_coherent_gradients(ctx: DistContext) -> None:
+    full, aggregator, x, y = _models()
+    reference = classification_loss(aggregator(full(x).softmax(-1)), y)
+    reference.backward()
+    reference_grads = {n: p.grad.clone() for n, p in [*full.named_parameters(), *aggregator.named_parameters()]}
+    aggregator.zero_grad()
+
+    parallel = Parallel(ctx, 4)
+    own = parallel.local_cnns(full)
+    assert own.subdomains == [2 * ctx.rank, 2 * ctx.rank + 1]
+    gather = parallel.subdomain_gather()
+    loss = classification_loss(aggregator(gather(own(x).softmax(-1))), y)
+    forward_bytes = parallel.communication.total
+    loss.backward()
+    assert forward_bytes == B * 4 * K * 4 and parallel.communication.total == forward_bytes  # nothing backward
+    torch.testing.assert_close(loss, reference)
+    for name, p in own.named_parameters():
+        torch.testing.assert_close(p.grad, reference_grads[name].chunk(2)[ctx.rank])
+    for name, p in aggregator.named_parameters():  # exactly the 1-process gradient: no P-fold sum
+        torch.testing.assert_close(p.grad, reference_grads[name])
+
+
+def test_subdomain_gather_gives_the_one_process_gradients():
+    spawn(_check_coherent_gradients)
+
+
+def _check_states_and_metrics(ctx: DistContext) -> None:
+    full, _, x, y = _models()
+    parallel = Parallel(ctx, 4)
+    own = parallel.local_cnns(full)
+    states = []
+    for model in (full, own):  # one AdamW step each, from the same weights: optimizer states to gather and split
+        optimizer = build_optimizer(model.named_parameters(), TrainConfig(optimizer="adamw"))
+        classification_loss(model(x), y).backward()
+        optimizer.step()
+        states.append({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1})
+    full_state, own_state = states
+
+    gathered = parallel.gather_state(own_state, own, optimizer)
+    assert (gathered is None) != ctx.is_primary
+    local = parallel.local_state(full_state, own, optimizer)
+    for whole, part in [(gathered, full_state), (local, own_state)] if ctx.is_primary else [(local, own_state)]:
+        torch.testing.assert_close(whole["model"], part["model"])
+        torch.testing.assert_close(whole["optimizer"]["state"], part["optimizer"]["state"])
+        assert whole["optimizer"]["param_groups"] == part["optimizer"]["param_groups"] and whole["epoch"] == 1
+
+    full.eval()
+    own.eval()
+    reduced_loss, reduced_accuracy = parallel.reduce_metrics(
+        classification_loss(own(x), y).item(), (own(x).argmax(-1) == y[:, None]).float().mean(0)
+    )
+    assert reduced_loss == pytest.approx(classification_loss(full(x), y).item(), rel=1e-5)
+    torch.testing.assert_close(reduced_accuracy, (full(x).argmax(-1) == y[:, None]).float().mean(0))
+
+
+def test_checkpoint_state_is_gathered_and_split_exactly():
+    spawn(_check_states_and_metrics)
+
+
+def _check_data_parallel_gradients(ctx: DistContext) -> None:
+    full, _, x, y = _models()
+    full.eval()  # batch norm on running statistics: each image's gradient is independent of the others
+    classification_loss(full(x), y).backward()
+    reference = [p.grad.clone() for p in full.parameters()]
+    full.zero_grad()
+    parallel = Parallel(ctx, 4, mode="data")
+    rows = slice(ctx.rank * B // 2, (ctx.rank + 1) * B // 2)
+    classification_loss(full(x[rows]), y[rows]).backward()
+    parallel.sync_gradients(list(full.parameters()))
+    for p, grad in zip(full.parameters(), reference):
+        torch.testing.assert_close(p.grad, grad)
+    assert parallel.communication.bytes["gradients"] == data_parallel_bytes_per_step(full)
+
+
+def test_data_parallel_gradients_equal_the_whole_batch_gradient():
+    spawn(_check_data_parallel_gradients)
+
+
+def _check_lost_process(ctx: DistContext) -> None:
+    parallel = Parallel(ctx, 2)
+    if ctx.rank == 1:
+        os._exit(0)  # dies without a word
+    with pytest.raises(DistributedError, match="another process probably died or hung"):
+        parallel.reduce_metrics(0.0, torch.zeros(1))
+
+
+def test_a_lost_process_is_a_clear_error():
+    spawn(_check_lost_process)
+
+
+# -- whole runs under torchrun against 1-process runs -----------------------------------------------------------
+
+SRC = str(Path(ddcnn.__file__).parents[1])
+
+
+def train(cfg: RunConfig, processes: int = 1) -> dict[str, Any]:
+    """``ddcnn train`` of ``cfg`` in ``processes`` gloo processes (1: plain ``python``, no torchrun), one thread
+    each; returns its results.json."""
+    config = Path(cfg.out) / "run.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}", f"--master-port={_free_port()}"]
+    command = [sys.executable, *(launcher if processes > 1 else []), "-m", "ddcnn", "train", "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads((Path(cfg.out) / "results.json").read_text())
+
+
+def assert_same_run(run: dict[str, Any], reference: dict[str, Any], checkpoint: str) -> None:
+    """Same test accuracy, same logged numbers (within float rounding) and the same model in the checkpoint."""
+    (row,), (expected,) = run["rows"], reference["rows"]
+    assert row["test_accuracy"] == expected["test_accuracy"] and row["val_accuracy"] == expected["val_accuracy"]
+    assert row["parameters"] == expected["parameters"]
+    for logged, wanted in zip(run["history"], reference["history"], strict=True):
+        assert_same_numbers(logged, wanted)
+    run_dir, reference_dir = (Path(r["config"]["out"]) for r in (run, reference))
+    state, expected_state = (load_checkpoint(d / checkpoint) for d in (run_dir, reference_dir))
+    assert state["model"].keys() == expected_state["model"].keys()
+    torch.testing.assert_close(state["model"], expected_state["model"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state["optimizer"]["state"], expected_state["optimizer"]["state"], rtol=1e-3, atol=1e-5)
+
+
+def assert_same_numbers(logged: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """The same losses and accuracies in two epochs' log rows, within float rounding."""
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_subdomain_accuracy"):
+        if key in wanted:
+            assert logged[key] == pytest.approx(wanted[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory, tiny_data_config) -> dict[str, Any]:
+    """A 1-process local phase of 2 epochs (constant learning rate, so that 1 epoch resumed to 2 is the same)."""
+    return train(_tiny_local(tmp_path_factory.mktemp("local1"), tiny_data_config, epochs=2))
+
+
+def _tiny_local(out: Path, data: DataConfig, epochs: int, grid: tuple[int, int] = (2, 2)) -> RunConfig:
+    return RunConfig(
+        method="local", out=str(out), data=data, model=ModelConfig(backbone="vgg3", width=0.25, grid=grid),
+        train=TrainConfig(epochs=epochs, schedule="constant", lr=0.02, progress=False, device="cpu", threads=1),
+    )
+
+
+@pytest.mark.slow
+def test_local_phase_on_two_processes_is_the_one_process_run(tmp_path, tiny_data_config, local_reference):
+    run = train(_tiny_local(tmp_path, tiny_data_config, epochs=2), processes=2)
+    assert_same_run(run, local_reference, "local.pt")
+    assert [row["comm_bytes_per_step"] for row in run["history"]] == [0, 0]  # the local phase: no communication
+    assert (tmp_path / "train.log").read_text().count("local epoch 2/2") == 1  # logged once, by rank 0
+
+
+@pytest.mark.slow
+def test_local_phase_on_three_processes_resumed_on_two(tmp_path, tiny_data_config, local_reference):
+    """2x2 on 3 processes (1, 1 and 2 subdomains) for one epoch, then resumed for a second one on 2 processes."""
+    first = train(_tiny_local(tmp_path, tiny_data_config, epochs=1), processes=3)
+    assert_same_numbers(first["history"][0], local_reference["history"][0])
+    resumed = train(dataclasses.replace(_tiny_local(tmp_path, tiny_data_config, epochs=2), resume=True), processes=2)
+    assert_same_run(resumed, local_reference, "local.pt")
+
+
+@pytest.mark.slow
+def test_coherent_training_on_two_processes_is_the_one_process_run(tmp_path, tiny_run):
+    reference = train(tiny_run(tmp_path / "one", method="coherent", train__device="cpu", train__threads=1))
+    run = train(tiny_run(tmp_path / "two", method="coherent", train__device="cpu", train__threads=1), processes=2)
+    assert_same_run(run, reference, "coherent.pt")
+    batch, subdomains, classes = run["config"]["data"]["batch_size"], 4, 3
+    # B*N*K float32 probabilities forward, nothing back
+    assert run["history"][0]["comm_bytes_per_step"] == batch * subdomains * classes * 4
+    assert reference["history"][0]["comm_bytes_per_step"] == 0
+
+
+@pytest.mark.slow
+def test_more_processes_than_subdomains_share_batches(tmp_path, tiny_data_config):
+    """1x2 grid on 3 processes: subdomain 0 on rank 0 alone, exactly as in one process; subdomain 1 on ranks 1 and
+    2, each with half of every batch, averaging their gradients."""
+    reference = train(_tiny_local(tmp_path / "one", tiny_data_config, epochs=1, grid=(1, 2)))
+    run = train(_tiny_local(tmp_path / "three", tiny_data_config, epochs=1, grid=(1, 2)), processes=3)
+    state, expected = (load_checkpoint(tmp_path / name / "local.pt")["model"] for name in ("three", "one"))
+    for key, value in expected.items():
+        assert state[key].shape == value.shape
+        if value.dim() > 0:  # subdomain 0's block
+            torch.testing.assert_close(state[key].chunk(2)[0], value.chunk(2)[0], rtol=1e-4, atol=1e-5)
+    one_local_cnn = run["rows"][0]["parameters"] // 2 * 4  # float32 bytes
+    assert run["history"][0]["comm_bytes_per_step"] == one_local_cnn  # the group of subdomain 1 averages it
+    assert run["rows"][0]["parameters"] == reference["rows"][0]["parameters"] and run["rows"][0]["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_data_parallel_coherent_training_all_reduces_every_parameter(tmp_path, tiny_run):
+    cfg = tiny_run(tmp_path, method="coherent", train__device="cpu", train__threads=1, train__parallel="data")
+    run = train(cfg, processes=2)
+    (row,) = run["rows"]
+    assert run["history"][0]["comm_bytes_per_step"] == row["data_parallel_bytes_per_step"] == row["parameters"] * 4
+    assert row["model_parallel_bytes_per_step"] == cfg.data.batch_size * 4 * 3 * 4  # B*N*K float32, 2x2 grid, 3 classes

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddcnn.cli import main
+from ddcnn.errors import CheckpointError, CorruptImageError, DatasetError
+from ddcnn.methods import Experiment, model_from_checkpoint, run
+from ddcnn.predict import predict, resolve_checkpoint
+from ddcnn.train import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data_config, tmp_path_factory):
+    """Run folders of a global CNN and of a CNN-DNN (dnn aggregator, 2x2) on the tiny dataset."""
+    from ddcnn.config import ModelConfig, RunConfig, TrainConfig
+
+    folders = {}
+    for method in ("global", "cnn_dnn"):
+        out = tmp_path_factory.mktemp(method)
+        run(RunConfig(method=method, out=str(out), data=tiny_data_config, train=TrainConfig(epochs=1, progress=False),
+                      model=ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))))
+        folders[method] = out
+    return folders
+
+
+@pytest.fixture(scope="module")
+def test_images(trained, tiny_data_config, tmp_path_factory):
+    """The first test images as PNG files, and the same images as the data loader feeds them."""
+    folder = tmp_path_factory.mktemp("images")
+    cfg = load_checkpoint(trained["cnn_dnn"] / "dnn.pt")["config"]
+    from ddcnn.config import RunConfig, config_from_dict
+
+    exp = Experiment.from_config(config_from_dict(RunConfig, cfg))
+    pixels = exp.data.test.images[:5]
+    paths = []
+    for i, image in enumerate(pixels):
+        paths.append(folder / f"test{i}.png")
+        Image.fromarray(image[0].numpy()).save(paths[-1])
+    x, _ = next(iter(exp.loader("test")))
+    return paths, x[:5]
+
+
+def test_predict_matches_the_model_on_its_own_data(trained, test_images):
+    paths, x = test_images
+    state = load_checkpoint(trained["cnn_dnn"] / "dnn.pt")
+    model = model_from_checkpoint(state).eval()
+    with torch.no_grad():
+        scores, local = model.forward_with_local(x)
+    predictions = predict(trained["cnn_dnn"], paths, device="cpu")
+    assert [p.path for p in predictions] == [str(p) for p in paths]
+    for i, p in enumerate(predictions):
+        probabilities = scores[i].softmax(-1)
+        assert p.prediction.class_index == int(probabilities.argmax())
+        assert p.prediction.class_name == state["meta"]["class_names"][p.prediction.class_index]
+        assert p.prediction.probability == pytest.approx(float(probabilities.max()), abs=1e-5)
+        assert [v.class_index for v in p.subdomain_votes] == local[i].argmax(-1).tolist()
+        assert p.subdomain_positions == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_predict_command_prints_class_and_subdomain_votes(trained, test_images, capsys):
+    paths, _ = test_images
+    assert main(["predict", "--checkpoint", str(trained["cnn_dnn"]), *map(str, paths[:2]), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * 5  # per image: the prediction and 4 subdomain votes
+    assert lines[0].startswith(f"{paths[0]}: ") and "(probability " in lines[0]
+    assert lines[4].startswith("  subdomain 3 at (1, 1): ")
+
+    assert main(["predict", "--checkpoint", str(trained["global"] / "global.pt"), str(paths[0])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "subdomain" not in lines[0]
+
+
+def test_predict_converts_mode_and_size_like_the_training_data(trained, tmp_path):
+    rgba = Image.new("RGBA", (40, 24), (200, 10, 10, 255))
+    rgba.save(tmp_path / "color.png")
+    np.save(tmp_path / "array.npy", np.random.default_rng(0).random((16, 16)))  # floats in [0, 1]
+    predictions = predict(trained["cnn_dnn"] / "dnn.pt", [tmp_path / "color.png", tmp_path / "array.npy"])
+    assert len(predictions) == 2 and all(len(p.subdomain_votes) == 4 for p in predictions)
+
+
+def test_unreadable_files_are_one_line_errors(trained, tmp_path, capsys):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(CorruptImageError, match="broken.png cannot be decoded"):
+        predict(trained["global"], [tmp_path / "broken.png"])
+    assert main(["predict", "--checkpoint", str(trained["global"]), str(tmp_path / "missing.png")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "missing.png does not exist" in error
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 16, 16)))
+    with pytest.raises(DatasetError, match=r"has shape \(3, 16, 16\); the model takes 16x16 inputs with 1 channel"):
+        predict(trained["global"], [tmp_path / "wrong.npy"])
+
+
+def test_a_run_folder_with_several_checkpoints_needs_one_named(trained):
+    assert resolve_checkpoint(trained["cnn_dnn"]).name == "dnn.pt"  # results.json names the method
+    (trained["cnn_dnn"] / "results.json").unlink()
+    with pytest.raises(CheckpointError, match=r"holds several checkpoints \(dnn.pt, local.pt\); pass one"):
+        resolve_checkpoint(trained["cnn_dnn"])
