@@ -133,3 +133,11 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(UnknownNameError):
         main(["--debug", *_train(tmp_path, "mnist6k")])
+
+
+def test_output_folder_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run folder should go")
+    argv = _train(tmp_path, "mnist5k", "--limit-train", "40")
+    argv[argv.index("--out") + 1] = str(blocker / "run")
+    _fails(capsys, argv, "is not writable", "choose another --out")

@@ -242,7 +242,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _log_to_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .train.checkpoint import ensure_writable_folder
+
+    ensure_writable_folder(path.parent)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)

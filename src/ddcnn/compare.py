@@ -37,6 +37,7 @@ from .methods import (
     run_transfer,
 )
 from .models.aggregators import list_aggregators
+from .train.checkpoint import ensure_writable_folder
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
 from .train.engine import format_bytes
 
@@ -140,7 +141,7 @@ def compare(cc: CompareConfig, data: DatasetSplits | None = None, dist: DistCont
     """Run the comparison (see the module docstring) and write its results; returns the rows and the table. In a
     distributed run (``dist``) every process calls this, each phase is distributed, and rank 0 writes."""
     out = Path(cc.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(out)
     dist = dist or DistContext()
     if data is None:
         with primary_first(dist):

@@ -49,7 +49,7 @@ from .models import LocalCNNs
 from .models.aggregators import Aggregator, WeightedAggregator, aggregator_options, create_aggregator
 from .models.cnn_dnn import CNNDNN, load_pretrained_aggregator, load_pretrained_local_cnns
 from .plots import plot_confusion, plot_curves
-from .train.checkpoint import check_metadata, load_checkpoint, save_checkpoint
+from .train.checkpoint import check_metadata, ensure_writable_folder, load_checkpoint, save_checkpoint
 from .train.engine import EvalResult, FitResult, Trainer, evaluate, format_bytes, resolve_device, seed_everything
 from .train.metrics import ClassificationReport, classification_report
 
@@ -79,8 +79,7 @@ class Experiment:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         dist = dist or DistContext(device=resolve_device(cfg.train.device))
-        run_dir = Path(cfg.out)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = ensure_writable_folder(cfg.out)
         if data is None:
             with primary_first(dist):  # the other processes read what rank 0 decoded into the cache
                 data = load_dataset(cfg.data)

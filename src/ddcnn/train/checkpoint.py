@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, CheckpointMismatchError
+from ..errors import CheckpointError, CheckpointMismatchError, DDCNNError
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -99,3 +99,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def ensure_writable_folder(path: str | Path) -> Path:
+    """Create ``path`` if needed and check that files can be written there, before any training starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ddcnn-write-test-"):
+            pass
+    except OSError as e:
+        raise DDCNNError(
+            f"output folder {path} is not writable ({e.strerror or e}); choose another --out or free the disk"
+        ) from None
+    return path
