@@ -37,8 +37,8 @@ from .methods import (
     run_transfer,
 )
 from .models.aggregators import list_aggregators
-from .train.checkpoint import ensure_writable_folder
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
+from .train.checkpoint import ensure_writable_folder
 from .train.engine import format_bytes
 
 log = logging.getLogger("ddcnn")
