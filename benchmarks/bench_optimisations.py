@@ -123,7 +123,8 @@ def _optimizer_row(settings: Settings, rounds: int) -> dict[str, str]:
         p.grad = torch.randn_like(p)
     loop, fused = _loop_sgd(model), build_optimizer(model.named_parameters(), train_config())
     times = _time({"before": loop.step, "after": fused.step}, settings, rounds * 3)
-    return _row("fused SGD (build_optimizer) vs the default per-parameter loop", "optimiser step, 4x4 (9.1M params)", times)
+    label = "fused SGD (build_optimizer) vs the default per-parameter loop"
+    return _row(label, "optimiser step, 4x4 (9.1M params)", times)
 
 
 def _layer_rows(settings: Settings, rounds: int) -> list[dict[str, str]]:
@@ -145,7 +146,8 @@ def _layer_rows(settings: Settings, rounds: int) -> list[dict[str, str]]:
     for grid in ((4, 4), (8, 8)):
         d = Decomposition(grid, CIFAR_SHAPE[1:])
         images = synthetic_batch(settings)[0]
-        times = _time({"before": lambda: gather_split(d, images), "after": lambda: d.split(images)}, settings, rounds * 5)
+        candidates = {"before": partial(gather_split, d, images), "after": partial(d.split, images)}
+        times = _time(candidates, settings, rounds * 5)
         rows.append(_row("split by slicing + stack (vs one gather)", f"split of a batch, {grid[0]}x{grid[1]}", times))
     # 3. GroupedLinear: einsum (kept) vs baddbmm, first dense layer of the 4x4 local CNNs
     xl = torch.randn(batch, 16, 512, device=settings.device, requires_grad=True)
@@ -154,7 +156,9 @@ def _layer_rows(settings: Settings, rounds: int) -> list[dict[str, str]]:
     gl = torch.randn(batch, 16, 256, device=settings.device)
     times = _time(
         {
-            "before": lambda: torch.baddbmm(b[:, None], xl.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).backward(gl),
+            "before": lambda: torch.baddbmm(b[:, None], xl.transpose(0, 1), w.transpose(1, 2))
+            .transpose(0, 1)
+            .backward(gl),
             "after": lambda: (torch.einsum("bgi,goi->bgo", xl, w) + b).backward(gl),
         },
         settings,
@@ -189,7 +193,8 @@ def _compile_row(settings: Settings, rounds: int) -> dict[str, str]:
     compiled(x, y)
     settings.sync()
     compile_seconds = time.perf_counter() - start
-    times = _time({"before": partial(make_train_step(eager, settings), x, y), "after": partial(compiled, x, y)}, settings, rounds)
+    candidates = {"before": partial(make_train_step(eager, settings), x, y), "after": partial(compiled, x, y)}
+    times = _time(candidates, settings, rounds)
     return _row(f"torch.compile (inductor; compiling took {compile_seconds:.0f} s)", "train step, 4x4", times)
 
 
@@ -203,7 +208,14 @@ def run(settings: Settings, compile_model: bool = False) -> Result:
     grids = [(4, 4)] if settings.quick else [(4, 4), (8, 8)]
     for grid in grids:
         result.rows.append(
-            _train_step_row("all of the below, off (the code before this work)", grid, settings, rounds, original_code, True)
+            _train_step_row(
+                "all of the below, off (the code before this work)",
+                grid,
+                settings,
+                rounds,
+                original_code,
+                loop_sgd_before=True,
+            )
         )
     for grid in grids:
         result.rows.append(

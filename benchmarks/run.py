@@ -107,23 +107,26 @@ def to_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: the machine, the goals, then one table per benchmark."""
     m = report["machine"]
     lines = ["# Benchmark results", ""]
+    device = m.get("gpu", m.get("device"))
     lines += _table(
         ["CPU", "cores", "torch", "threads", "device", "load average (1, 5, 15 min)"],
-        [[m.get("cpu"), m.get("cores"), m.get("torch"), m.get("threads"), m.get("gpu", m.get("device")), m.get("load_average")]],
+        [[m.get("cpu"), m.get("cores"), m.get("torch"), m.get("threads"), device, m.get("load_average")]],
     )
     results = [report["results"][n] for n in BENCHMARKS if n in report["results"]]
     goals = [Goal(**g) for r in results for g in r["goals"]]
     if goals:
         lines += ["", "## Goals", ""]
         lines += _table(
-            ["goal", "target", "measured", "met"], [[g.name, g.target, g.measured, "yes" if g.met else "**no**"] for g in goals]
+            ["goal", "target", "measured", "met"],
+            [[g.name, g.target, g.measured, "yes" if g.met else "**no**"] for g in goals],
         )
     for r in results:
         title = "Optimisations" if r["name"] == bench_optimisations.NAME else r["title"]
         lines += ["", f"## {title}", ""]
         if r["name"] == bench_optimisations.NAME:
             lines += [r["title"].split(": ", 1)[-1].capitalize() + ".", ""]
-        lines += [f"_{r['date']}, {r['seconds']:.0f} s{', --quick' if r.get('quick') else ''}, load average {r.get('load_average')}_", ""]
+        quick = ", --quick" if r.get("quick") else ""
+        lines += [f"_{r['date']}, {r['seconds']:.0f} s{quick}, load average {r.get('load_average')}_", ""]
         if r["columns"]:
             lines += _table(r["columns"], [[row.get(c, "") for c in r["columns"]] for row in r["rows"]])
         for note in r["notes"]:

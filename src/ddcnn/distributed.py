@@ -89,7 +89,8 @@ class DistContext:
             try:
                 rank, world_size, local_rank = (int(env[name]) for name in names)
             except (KeyError, ValueError):
-                raise DistributedError(f"the launcher variables {', '.join(names)} must all be set, to integers") from None
+                message = f"the launcher variables {', '.join(names)} must all be set, to integers"
+                raise DistributedError(message) from None
             if not 0 <= rank < world_size or local_rank < 0:
                 raise DistributedError(f"{names[0]}={rank} is not a rank of a world of {world_size} processes")
         if device == "auto":
@@ -233,8 +234,10 @@ class Parallel:
         if mode not in MODES:
             raise ConfigError(f"parallel mode {mode!r} is not one of {', '.join(MODES)}")
         self.ctx, self.num_subdomains, self.mode = ctx, num_subdomains, mode
-        every = tuple(range(num_subdomains))
-        self.placement = [every] * ctx.world_size if mode == "data" else assign_subdomains(num_subdomains, ctx.world_size)
+        if mode == "data":
+            self.placement = [tuple(range(num_subdomains))] * ctx.world_size
+        else:
+            self.placement = assign_subdomains(num_subdomains, ctx.world_size)
         self.subdomains = self.placement[ctx.rank]
         self.group = self.group_of(ctx.rank)
         # the first rank of each group: the one whose copy of its subdomains is gathered, in subdomain order

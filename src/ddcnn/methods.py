@@ -552,10 +552,9 @@ def _train_cnn_dnn(exp: Experiment, model: CNNDNN, name: str, pretraining_second
             "local_train_seconds": pretraining_seconds,
             "total_train_seconds": pretraining_seconds + fit.train_seconds,
             "test_subdomain_accuracy": local_test.subdomain_accuracy,
-            **_communication(
-                model,
-                subdomain_gather_bytes_per_step(exp.cfg.data.batch_size, decomposition.num_subdomains, exp.data.num_classes),
-            ),
+            **_communication(model, subdomain_gather_bytes_per_step(
+                exp.cfg.data.batch_size, decomposition.num_subdomains, exp.data.num_classes
+            )),
         },
     )
 
