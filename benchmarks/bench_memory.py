@@ -50,9 +50,8 @@ def run(settings: Settings) -> Result:
         if settings.cuda:
             row["peak GPU MB"] = round(full["peak_gpu"] / 1e6)
         result.rows.append(row)
-    result.goals.append(
-        Goal("peak memory of local-phase training", "< 2 GB", f"{worst_peak / 1e9:.2f} GB (worst)", worst_peak < GOAL_BYTES)
-    )
+    peak = f"{worst_peak / 1e9:.2f} GB (worst)"
+    result.goals.append(Goal("peak memory of local-phase training", "< 2 GB", peak, worst_peak < GOAL_BYTES))
     result.goals.append(
         Goal(
             "data set held once, not per subdomain",
@@ -70,10 +69,9 @@ def _child(grid: tuple[int, int], images: int, steps: int, settings: Settings) -
     here = Path(__file__).resolve().parent
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), str(here), env.get("PYTHONPATH", "")])
-    args = json.dumps({"grid": grid, "images": images, "steps": steps, "quick": settings.quick, "device": str(settings.device)})
-    out = subprocess.run(
-        [sys.executable, __file__, args], env=env, check=True, capture_output=True, text=True
-    ).stdout
+    args = {"grid": grid, "images": images, "steps": steps, "quick": settings.quick, "device": str(settings.device)}
+    command = [sys.executable, __file__, json.dumps(args)]
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -130,18 +130,23 @@ def time_interleaved(
     rounds: int,
     warmup: int = 2,
     clock: Callable[[], float] = time.perf_counter,
+    budget: float | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate: ``warmup`` untimed calls each, then ``rounds`` rounds in which every
-    candidate runs once, the order reversed every other round. ``clock`` is wall time by default;
-    ``time.process_time`` gives the process's CPU time, which other processes' load barely changes (with one
-    thread: with several, threads waiting for each other spin and count too)."""
+    candidate runs once, the order reversed every other round; fewer rounds (but at least 3) once ``budget``
+    seconds of wall time have passed. ``clock`` is wall time by default; ``time.process_time`` gives the
+    process's CPU time, which other processes' load barely changes (with one thread: with several, threads waiting
+    for each other spin and count too)."""
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
             candidates[name]()
     settings.sync()
     times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + budget if budget is not None else float("inf")
     for r in range(rounds):
+        if r >= 3 and time.perf_counter() > deadline:
+            break
         for name in names if r % 2 == 0 else reversed(names):
             start = clock()
             candidates[name]()
@@ -167,7 +172,9 @@ def fmt_ratio(r: tuple[float, float, float]) -> str:
     return f"{r[0]:.2f}x ({r[1]:.2f}-{r[2]:.2f})"
 
 
-def matmul_peak_gflops(settings: Settings, seconds: float = 2.0, clock: Callable[[], float] = time.perf_counter) -> float:
+def matmul_peak_gflops(
+    settings: Settings, seconds: float = 2.0, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Achieved GFLOP/s of a large square matmul in the training dtype (fp32 on CPU, bf16 on CUDA): the machine's
     practical peak, measured in the same run as the figures compared with it (the best of ``seconds`` of calls,
     timed with ``clock``)."""
