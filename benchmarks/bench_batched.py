@@ -4,7 +4,8 @@ Batched: one :class:`ddcnn.models.LocalCNNs` (one grouped module for all N subdo
 ``create_model(..., groups=1)`` backbones of the same architecture, each with its own optimiser, trained one after
 the other on its subimages of the same batch (the split happens once per batch in both). A step is forward,
 loss, backward and optimiser step for all N local CNNs; images/s counts whole images. The global CNN (the same
-backbone on the whole image) is timed too, for reference.
+backbone on the whole image) is timed too, for reference. On CPU the comparison is also made on one thread in
+process CPU time, the measure of the work itself that the load of a shared machine barely changes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ CONFIGS = [("vgg9", (4, 4)), ("vgg9", (2, 2)), ("vgg9", (8, 8)), ("resnet20", (4
 def loop_step(
     backbone: str, decomposition: Decomposition, x: torch.Tensor, y: torch.Tensor, settings: Settings
 ) -> Callable[[], None]:
-    """One training step of N separate local CNNs, one after the other (the baseline)."""
+    """A train step of N separate local CNNs, one after the other on their subimages (the baseline)."""
     models = [
         create_model(
             backbone, in_channels=CIFAR_SHAPE[0], num_classes=NUM_CLASSES, input_shape=decomposition.subimage_shape

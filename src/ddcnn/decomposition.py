@@ -113,7 +113,7 @@ class Decomposition:
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *image_shape)`` -> ``(B, N, C, *subimage_shape)``: the windows of the whole batch at once.
 
-        One slice per subdomain and one copy (``torch.stack``); 2.5x to 6x faster on CPU than a single
+        One slice per subdomain and one copy (``torch.stack``): 2x to 6x faster on CPU than a single
         advanced-indexing gather (benchmarks/README.md), differentiable, and never a copy of more than the batch.
         """
         self._check(x)

@@ -23,7 +23,7 @@ class Backbone(nn.Module):
     ``channels_last`` (default on) runs the convolutional part in the channels-last memory format, whatever
     the input's format, for batches of at least :attr:`channels_last_min_batch` samples: on CPU batch norm is
     vectorised over channels only in that format, 1.5x (8x8 maps) to 6x (2x2 maps) faster, and a training step
-    1.2x to 1.4x (see benchmarks/README.md). Small batches (unit tests, single images) stay as they come: there
+    1.15x to 1.4x (see benchmarks/README.md). Small batches (unit tests, single images) stay as they come: there
     the conversion gains nothing, and the channels-last batch norm starts a thread team even for a handful of
     values, which on an oversubscribed machine can cost a scheduler time slice per call. It changes no result
     and no parameter.

@@ -2,8 +2,9 @@
 
 A backbone built with ``groups=N`` holds the N local CNNs of a decomposition in one module: channel tensors are
 laid out group-major, ``(B, N*C, *spatial)``, so group ``g`` owns channels ``[g*C, (g+1)*C)``. Convolutions are
-grouped convolutions (one kernel launch for all subdomains), batch norm keeps separate statistics per channel and
-hence per subdomain, and dense layers are batched matrix products. With ``groups=1`` these are the ordinary layers
+grouped convolutions (one kernel launch for all subdomains; on maps with fewer pixels than the kernel has taps, one
+batched matmul, :class:`SmallMapConv`), batch norm keeps separate statistics per channel and hence per subdomain,
+and dense layers are batched matrix products. With ``groups=1`` these are the ordinary layers
 of a single CNN, and every parameter of the grouped module is the concatenation (along dim 0) of the N single
 modules' parameters, which is what :func:`split_state_dict` and :func:`stack_state_dicts` rely on.
 """

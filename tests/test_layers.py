@@ -1,0 +1,59 @@
+"""The fast paths of the grouped layers compute exactly what the plain torch layers compute."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddcnn.models.layers import CHANNELS_LAST, SmallMapConv, adaptive_avgpool, conv, small_map_conv
+
+
+@pytest.mark.parametrize(
+    "in_shape, kernel, stride, groups, bias",
+    [
+        ((2, 2), 3, 1, 4, False),  # the common case: 3x3 kernels on 2x2 maps
+        ((1, 1), 3, 1, 2, True),
+        ((2, 3), 3, 1, 3, True),  # some (output, input) pixel pairs are not connected
+        ((3, 3), 5, 2, 2, False),
+        ((2, 2), 7, 2, 2, False),
+        ((2, 2, 2), 3, 1, 2, True),
+        ((1, 2, 3), 3, 2, 1, True),
+    ],
+)
+def test_small_map_conv_equals_the_convolution(in_shape, kernel, stride, groups, bias):
+    torch.manual_seed(0)
+    dims = len(in_shape)
+    x = torch.randn(3, groups * 5, *in_shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(groups * 4, 5, *([kernel] * dims), dtype=torch.float64, requires_grad=True)
+    b = torch.randn(groups * 4, dtype=torch.float64, requires_grad=True) if bias else None
+    args = ((stride,) * dims, (kernel // 2,) * dims)
+    expected = getattr(F, f"conv{dims}d")(x, w, b, *args, 1, groups)
+    out = small_map_conv(x, w, b, *args, groups)
+    torch.testing.assert_close(out, expected)
+    inputs = [x, w] + ([b] if bias else [])
+    grad = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_grouped_conv_module_takes_the_fast_path_only_on_small_maps(memory_format):
+    torch.manual_seed(0)
+    layer = conv(2, 3, 4, 3, groups=2)
+    for size in (2, 4):  # 4 pixels < 9 taps: fast path; 16 pixels: the ordinary convolution
+        x = torch.randn(2, 6, size, size)
+        if memory_format == "channels_last":
+            x = x.contiguous(memory_format=CHANNELS_LAST[2])
+        expected = F.conv2d(x, layer.weight, None, 1, 1, 1, 2)
+        torch.testing.assert_close(layer(x), expected)
+        SmallMapConv.enabled = False
+        try:
+            torch.testing.assert_close(layer(x), expected)
+        finally:
+            SmallMapConv.enabled = True
+
+
+def test_adaptive_avgpool_passes_through_when_the_size_already_fits():
+    pool = adaptive_avgpool(2, (2, 2))
+    x = torch.randn(2, 3, 2, 2)
+    assert pool(x) is x
+    torch.testing.assert_close(pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 2, 2))
