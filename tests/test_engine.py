@@ -148,3 +148,9 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("channels_last, expected", [(None, True), (True, True), (False, False)])
+def test_channels_last_setting_reaches_the_backbone(tmp_path, channels_last, expected):
+    trainer = _trainer(tmp_path, epochs=1, channels_last=channels_last)
+    assert trainer.model.net.channels_last is expected

@@ -57,3 +57,19 @@ def test_adaptive_avgpool_passes_through_when_the_size_already_fits():
     x = torch.randn(2, 3, 2, 2)
     assert pool(x) is x
     torch.testing.assert_close(pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("cin, cout", [(4, 8), (2, 4), (3, 8), (16, 32)])
+def test_strided_pointwise_conv_gradient_is_right_in_channels_last(cin, cout):
+    # PyTorch 2.13's CPU kernel gets the weight gradient of this layer wrong (or hangs) for 2-7 input channels on a
+    # channels-last input; the layer must give the float64 reference gradient whatever the input layout
+    torch.manual_seed(0)
+    layer = conv(2, cin, cout, kernel=1, groups=1, stride=2)
+    x = torch.randn(32, cin, 12, 12)
+    reference = F.conv2d(x.double(), layer.weight.double(), stride=2)
+    grad_out = torch.randn_like(reference)
+    (expected,) = torch.autograd.grad(reference, layer.weight, grad_out)
+    out = layer(x.contiguous(memory_format=CHANNELS_LAST[2]))
+    (grad,) = torch.autograd.grad(out, layer.weight, grad_out.float())
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)

@@ -85,7 +85,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm; None: no clipping
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    channels_last: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # inputs and convolutions; None: inputs on CUDA, convolutions of batches >= 32
     amp: bool | None = None  # bf16 autocast; None: on for CUDA
     compile: bool = False  # torch.compile the model (measure the compile time)
     progress: bool = True  # progress bars

@@ -51,7 +51,21 @@ class SmallMapConv:
             and not isinstance(self.padding, str)
         ):
             return small_map_conv(x, self.weight, self.bias, self.stride, self.padding, self.groups)
+        if self._strided_pointwise_bug and x.dim() == 4 and not x.is_contiguous():
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return super().forward(x)
+
+    @property
+    def _strided_pointwise_bug(self) -> bool:
+        """PyTorch's CPU kernel (2.13, oneDNN) computes a wrong weight gradient, and can hang or crash, for an
+        ungrouped 2D 1x1 convolution with stride > 1 and 2-7 input channels on a channels-last input (e.g. the
+        shortcut of resnet20 at width 0.25); such layers run in the default layout (tests/test_layers.py)."""
+        return (
+            self.groups == 1
+            and 2 <= self.in_channels < 8
+            and all(k == 1 for k in self.kernel_size)
+            and any(s > 1 for s in self.stride)
+        )
 
 
 class SmallMapConv2d(SmallMapConv, nn.Conv2d):

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DDCNNError, TrainingDivergedError
+from ..models.backbone import Backbone
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 if TYPE_CHECKING:
@@ -74,6 +75,15 @@ def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
 
 def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
+
+
+def set_backbone_channels_last(model: nn.Module, cfg: TrainConfig) -> None:
+    """``cfg.channels_last`` True/False forces the layout of every backbone's convolutions; None keeps the
+    backbones' own default (channels-last for batches of 32 or more, see :class:`~ddcnn.models.backbone.Backbone`)."""
+    if cfg.channels_last is not None:
+        for module in model.modules():
+            if isinstance(module, Backbone):
+                module.channels_last = bool(cfg.channels_last)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -268,6 +278,7 @@ class Trainer:
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
+        set_backbone_channels_last(self.model, self.cfg)
         self.optimizer = build_optimizer(self.parameters or self.model.named_parameters(), self.cfg)
         self.scheduler = None  # built in fit(), when the steps per epoch are known
         self.history: list[dict[str, Any]] = []
