@@ -5,11 +5,12 @@ and a small dense network (or averaging, or voting) combines their class probabi
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict
 from .decomposition import Decomposition
 from .errors import DDCNNError
-from .models import LocalCNNs, create_model, list_models
+from .models import CNNDNN, LocalCNNs, create_aggregator, create_model, list_aggregators, list_models
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNNDNN",
     "DDCNNError",
     "DataConfig",
     "Decomposition",
@@ -19,6 +20,8 @@ __all__ = [
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
+    "create_aggregator",
     "create_model",
+    "list_aggregators",
     "list_models",
 ]

@@ -1,0 +1,161 @@
+"""Write the generated part of ``docs/results.md`` from the study's runs (``make study`` calls it at the end).
+
+    .venv/bin/python study/report.py                 # reads runs/study/<table>/results.json for every study/*.yaml
+
+For each table (one ``study/<table>.yaml``, one ``ddcnn compare`` run) it writes the command, the settings, the
+accuracy and cost tables of ``ddcnn compare``, the paired differences that test the papers' claims, and the plots
+(copied to ``docs/results/<table>/``). The text between the ``<!-- study:begin -->`` and ``<!-- study:end -->``
+markers of ``docs/results.md`` is replaced; everything outside them (the verdicts, written by hand from these numbers)
+is kept. A table whose run has not finished is listed as such.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import ddcnn  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT / "src"))
+
+from ddcnn.compare import CompareConfig, results_markdown, summarize  # noqa: E402
+from ddcnn.config import config_from_dict, load_yaml  # noqa: E402
+
+TABLES = ("cifar10_vgg9", "cifar10_resnet20", "cifar10_vgg9_overlap", "tf_flowers", "adrenalmnist3d")
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+PLOTS = ("accuracy.png", "subdomains.png")
+# (name, method a, method b): the paired difference a - b, per grid
+DIFFERENCES = (
+    ("dnn - mean", "dnn", "mean"),
+    ("dnn - vote", "dnn", "vote"),
+    ("transfer - coherent", "transfer", "coherent"),
+    ("dnn - global", "dnn", "global"),
+    ("transfer - global", "transfer", "global"),
+    ("coherent - global", "coherent", "global"),
+)
+
+
+def per_seed(rows: list[dict[str, Any]], key: str = "test_accuracy") -> dict[tuple[str, str], dict[int, float]]:
+    """``{(method, grid): {seed: value}}``; local rows are averaged over the subdomains."""
+    values: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(key) is not None:
+            values[row["method"], row["grid"], row["seed"]].append(float(row[key]))
+    out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for (method, grid, seed), v in values.items():
+        out[method, grid][seed] = statistics.mean(v)
+    return out
+
+
+def _mean_std(values: list[float], fmt: str = "{:+.4f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.4f}"
+
+
+def differences_markdown(rows: list[dict[str, Any]], grids: list[str]) -> list[str]:
+    """Paired (same seed) accuracy differences of the claims, per grid: mean ± std and in how many seeds a > b."""
+    acc = per_seed(rows)
+    lines = [
+        "| difference of test accuracy (paired by seed) | " + " | ".join(grids) + " |",
+        "|---|" + "---:|" * len(grids),
+    ]
+    for name, a, b in DIFFERENCES:
+        cells = []
+        for grid in grids:
+            first = acc.get((a, grid), {})
+            second = acc.get((b, "1x1" if b == "global" else grid), {})
+            seeds = sorted(set(first) & set(second))
+            if not seeds:
+                cells.append("")
+                continue
+            diffs = [first[s] - second[s] for s in seeds]
+            wins = sum(d > 0 for d in diffs)
+            cells.append(f"{_mean_std(diffs)} ({wins}/{len(seeds)})")
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "In brackets: the seeds in which the first method is more accurate, of the seeds both ran.", ""]
+    return lines
+
+
+def best_markdown(rows: list[dict[str, Any]], grids: list[str], cc: CompareConfig) -> list[str]:
+    """The most accurate combination of the frozen local CNNs per grid, and the local phase's cost per epoch."""
+    accuracy = summarize(rows)
+    seconds = summarize(rows, "train_seconds")
+    aggregators = [m for m in accuracy if m not in ("global", "local", "coherent", "transfer")]
+    lines = []
+    global_seconds = seconds.get("global", {}).get("1x1")
+    for grid in grids:
+        ranked = sorted(
+            ((statistics.mean(accuracy[m][grid]), m) for m in aggregators if grid in accuracy[m]), reverse=True
+        )
+        if ranked:
+            order = ", ".join(f"{m} {a:.4f}" for a, m in ranked)
+            lines.append(f"- {grid}, aggregators by mean test accuracy: {order}.")
+        local_seconds = seconds.get("local", {}).get(grid)
+        if local_seconds and global_seconds:
+            local_epoch = statistics.mean(local_seconds) / cc.phase_epochs("local")
+            global_epoch = statistics.mean(global_seconds) / cc.phase_epochs("global")
+            lines.append(
+                f"- {grid}, one process: an epoch of the local phase (all local CNNs) takes {local_epoch:.1f} s, "
+                f"an epoch of the global CNN {global_epoch:.1f} s (ratio {local_epoch / global_epoch:.2f})."
+            )
+    return lines + [""] if lines else []
+
+
+def table_section(name: str, out_dir: Path) -> list[str]:
+    config_path = ROOT / "study" / f"{name}.yaml"
+    title = config_path.read_text().splitlines()[0].lstrip("# ").strip()
+    cc = config_from_dict(CompareConfig, load_yaml(config_path))
+    results = ROOT / cc.out / "results.json"
+    lines = [f"### {title}", "", f"Command: `ddcnn compare --config study/{name}.yaml` ({cc.data.dataset}).", ""]
+    if not results.is_file():
+        return lines + ["_Not run yet: no results.json._", ""]
+    report = json.loads(results.read_text())
+    rows = report["rows"]
+    cc = config_from_dict(CompareConfig, report["config"])
+    done = sorted({r["seed"] for r in rows})
+    if done != sorted(cc.seeds):
+        lines += [f"_Partial: seeds {done} of {list(cc.seeds)} finished._", ""]
+    if cc.data.limit_train:
+        sample = f"a stratified sample of {cc.data.limit_train:,} (`limit_train`, split seed {cc.data.split_seed})"
+        lines += [f"Training images: {sample}.", ""]
+    body = results_markdown(rows, cc, cc.data.dataset.split(":")[0])
+    lines += ["#" * 3 + line if line.startswith("#") else line for line in body.splitlines()]
+    grids = sorted({r["grid"] for r in rows if r["grid"] != "1x1"})
+    lines += ["", "#### Claims, measured", ""] + differences_markdown(rows, grids) + best_markdown(rows, grids, cc)
+    plot_dir = out_dir / name
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for plot in PLOTS:
+        source = ROOT / cc.out / plot
+        if source.is_file():
+            shutil.copyfile(source, plot_dir / plot)
+            lines += [f"![{plot[:-4]} ({name})](results/{name}/{plot})", ""]
+    return lines
+
+
+def main() -> int:
+    doc = ROOT / "docs" / "results.md"
+    text = doc.read_text() if doc.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        print(f"{doc} lacks the markers {BEGIN} and {END}; add them where the tables go", file=sys.stderr)
+        return 2
+    sections = []
+    for name in TABLES:
+        sections += table_section(name, doc.parent / "results")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(head + BEGIN + "\n" + "\n".join(sections) + "\n" + END + tail)
+    print(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
