@@ -36,7 +36,7 @@ from ddcnn.models.layers import SmallMapConv
 NAME = "flops"
 
 
-def count_training_flops(model: LocalCNNs, x: torch.Tensor, settings: Settings) -> int:
+def count_training_flops(model: torch.nn.Module, x: torch.Tensor, settings: Settings) -> int:
     """FLOPs of one training step of ``model`` on ``x``: 3x the forward pass's."""
     with torch.no_grad(), settings.autocast(), FlopCounterMode(display=False) as counter:
         model(x)

@@ -1,4 +1,5 @@
-"""What every benchmark shares: settings, the train step, interleaved timing with medians, the machine, results.
+"""What every benchmark shares: settings, the train step, interleaved timing with medians, child processes (one, or
+several under torchrun), the machine, results.
 
 The machine these benchmarks were written on is shared and noisy, so no figure is a single timing: every
 comparison runs its candidates in alternating rounds (A, B, B, A, ...) after a warm-up, and a speed-up is the median
@@ -12,9 +13,12 @@ import contextlib
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +29,9 @@ from ddcnn.train.engine import build_optimizer, classification_loss
 
 CIFAR_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
+REPO = Path(__file__).resolve().parent.parent
+# CIFAR-10 as the project's runs read it (relative to the repository root: run child processes there)
+CIFAR10 = "cifar10:../shared/data/cifar10/cifar10-jpeg.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,27 @@ def matmul_peak_gflops(
         settings.sync()
         best = max(best, 2 * n**3 / (clock() - start) / 1e9)
     return best
+
+
+# -- child processes --------------------------------------------------------------------------------------------
+
+
+def run_processes(args: list[str], processes: int, threads: int, timeout: float = 3600) -> str:
+    """Run ``python args`` in the repository root as ``processes`` processes of ``threads`` threads each: plain
+    ``python`` for one, ``torchrun --standalone --nproc-per-node=processes`` (gloo on the CPU) for more. Returns its
+    stdout; a failure raises with the end of its output."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command = [sys.executable, *(launcher if processes > 1 else []), *args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        output = done.stdout[-2000:] + done.stderr[-4000:]
+        raise RuntimeError(f"{' '.join(command)} failed with exit status {done.returncode}:\n{output}")
+    return done.stdout
 
 
 # -- the machine ------------------------------------------------------------------------------------------------

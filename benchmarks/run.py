@@ -1,7 +1,7 @@
 """Run the performance benchmarks and write ``results.json`` and ``results.md`` (``make bench``).
 
-    .venv/bin/python benchmarks/run.py                  # all benchmarks on the CPU (about 10 minutes on 2 cores)
-    .venv/bin/python benchmarks/run.py --quick          # fewer configurations and rounds (under 2 minutes)
+    .venv/bin/python benchmarks/run.py                  # all benchmarks on the CPU (about 20 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick          # fewer configurations and rounds (about 4 minutes)
     .venv/bin/python benchmarks/run.py --only batched   # one benchmark (comma-separate several); others are kept
     .venv/bin/python benchmarks/run.py --device cuda    # the GPU version: bf16 autocast, channels-last, batch 512
 
@@ -34,9 +34,22 @@ import bench_data  # noqa: E402
 import bench_flops  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_optimisations  # noqa: E402
+import bench_parallel  # noqa: E402
+import bench_time_to_accuracy  # noqa: E402
 from common import Goal, Result, Settings, machine  # noqa: E402
 
-BENCHMARKS = {m.NAME: m for m in (bench_batched, bench_data, bench_flops, bench_memory, bench_optimisations)}
+BENCHMARKS = {
+    m.NAME: m
+    for m in (
+        bench_time_to_accuracy,  # the headline
+        bench_parallel,
+        bench_batched,
+        bench_data,
+        bench_flops,
+        bench_memory,
+        bench_optimisations,
+    )
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer configurations and rounds (under 2 minutes on CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer configurations and rounds (about 4 minutes on CPU)")
     p.add_argument("--only", default="", help=f"comma-separated benchmarks to run, of: {', '.join(BENCHMARKS)}")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (compiling takes minutes)")

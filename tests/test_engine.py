@@ -92,6 +92,27 @@ def test_resume_after_signal_equals_uninterrupted_run(tmp_path):
     assert [r["train_loss"] for r in resumed.history] == pytest.approx([r["train_loss"] for r in straight.history])
 
 
+def test_epoch_end_sees_every_epoch_and_can_end_training(tmp_path):
+    data = _images()
+    calls = []
+
+    def epoch_end(trainer, row):
+        calls.append((trainer.epoch, row))
+        return row["epoch"] == 2  # end after the second of four epochs
+
+    trainer = _trainer(tmp_path, epochs=4)
+    trainer.epoch_end = epoch_end
+    result = trainer.fit(_loader(data, True), _loader(data, False))
+    assert [epoch for epoch, _ in calls] == [1, 2]
+    assert [row for _, row in calls] == result.history and "val_accuracy" in result.history[-1]
+    state = load_checkpoint(tmp_path / "ckpt.pt")  # the checkpoint of the last epoch trained, unfinished
+    assert state["epoch"] == 2 and not state["finished"]
+
+    everything = _trainer(tmp_path / "all", epochs=3)
+    everything.epoch_end = lambda trainer, row: None  # returning nothing trains every epoch
+    assert len(everything.fit(_loader(data, True)).history) == 3
+
+
 def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path):
     data = _images()
     trainer = _trainer(tmp_path, epochs=3)

@@ -17,6 +17,7 @@ from ddcnn.methods import (
     run,
     run_local,
     run_transfer,
+    train_local_cnns,
 )
 from ddcnn.models import LocalCNNs
 from ddcnn.models.aggregators import list_aggregators
@@ -58,6 +59,15 @@ def test_local_phase_reports_each_subdomain_every_epoch(local_phase):
     with open(out / "local_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and len(rows[-1]["val_subdomain_accuracy"].split()) == 4
+
+
+def test_train_local_cnns_passes_epoch_end_to_the_trainer(tmp_path, tiny_run):
+    exp = Experiment.from_config(tiny_run(tmp_path))
+    rows = []
+    _, fit = train_local_cnns(exp, exp.decomposition(), 3, "local", epoch_end=lambda trainer, row: rows.append(row))
+    assert rows == fit.history and len(rows) == 3
+    _, fit = train_local_cnns(exp, exp.decomposition(), 3, "again", epoch_end=lambda trainer, row: True)
+    assert len(fit.history) == 1
 
 
 def test_aggregation_phase_fits_every_aggregator_on_one_set_of_probabilities(tmp_path, tiny_run, local_phase):

@@ -50,7 +50,16 @@ from .models.aggregators import Aggregator, WeightedAggregator, aggregator_optio
 from .models.cnn_dnn import CNNDNN, load_pretrained_aggregator, load_pretrained_local_cnns
 from .plots import plot_confusion, plot_curves
 from .train.checkpoint import check_metadata, ensure_writable_folder, load_checkpoint, save_checkpoint
-from .train.engine import EvalResult, FitResult, Trainer, evaluate, format_bytes, resolve_device, seed_everything
+from .train.engine import (
+    EpochEnd,
+    EvalResult,
+    FitResult,
+    Trainer,
+    evaluate,
+    format_bytes,
+    resolve_device,
+    seed_everything,
+)
 from .train.metrics import ClassificationReport, classification_report
 
 log = logging.getLogger("ddcnn")
@@ -221,10 +230,11 @@ def _aggregator_meta(exp: Experiment, name: str) -> dict[str, Any]:
 
 
 def _fit(
-    exp: Experiment, model: nn.Module, name: str, epochs: int, meta: dict[str, Any], parallel: Parallel
+    exp: Experiment, model: nn.Module, name: str, epochs: int, meta: dict[str, Any], parallel: Parallel,
+    epoch_end: EpochEnd | None = None,
 ) -> FitResult:
     """Train ``model`` (this process's share, per ``parallel``) on the experiment's images with checkpoints
-    ``<name>.pt`` and log ``<name>_log.csv``."""
+    ``<name>.pt`` and log ``<name>_log.csv``; ``epoch_end``: see :class:`~ddcnn.train.engine.Trainer`."""
     log.info("%s: %s parameters, %d epochs", name, f"{count_parameters(model):,}", epochs)
     if exp.dist.distributed:
         log.info("%s: %s", name, parallel)
@@ -240,20 +250,23 @@ def _fit(
         desc=name,
         save=exp.dist.is_primary,
         parallel=parallel,
+        epoch_end=epoch_end,
     )
     return trainer.fit(exp.loader("train", train=True, parallel=parallel), exp.loader("val"), resume=exp.cfg.resume)
 
 
 def train_local_cnns(
-    exp: Experiment, decomposition: Decomposition, epochs: int, name: str
+    exp: Experiment, decomposition: Decomposition, epochs: int, name: str, epoch_end: EpochEnd | None = None
 ) -> tuple[LocalCNNs, FitResult]:
     """Train the local CNNs of ``decomposition`` (all at once; ``1x1`` is the global CNN), with checkpoints; in a
-    distributed run, this process's share of them (see :meth:`Experiment.parallel`)."""
+    distributed run, this process's share of them (see :meth:`Experiment.parallel`). ``epoch_end(trainer, row)`` is
+    called after every epoch and can end training early (see :class:`~ddcnn.train.engine.Trainer`)."""
     seed_everything(exp.cfg.train.seed)
     parallel = exp.parallel(decomposition)
     model = parallel.local_cnns(build_local_cnns(exp, decomposition))
     log.info("%s: %s", name, decomposition)
-    fit = _fit(exp, model, name, epochs, exp.meta("local_cnns", decomposition, method=name), parallel)
+    meta = exp.meta("local_cnns", decomposition, method=name)
+    fit = _fit(exp, model, name, epochs, meta, parallel, epoch_end)
     return model, fit
 
 

@@ -244,6 +244,10 @@ class _StopOnSignal:
 # -- the loop ---------------------------------------------------------------------------------------------------
 
 
+# Trainer.epoch_end: called with the trainer and the epoch's log row after every epoch; True ends training
+EpochEnd = Callable[["Trainer", dict[str, Any]], "bool | None"]
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -261,6 +265,9 @@ class Trainer:
     by several processes (see :class:`ddcnn.distributed.Parallel`); then every process runs ``fit`` on the same
     data (its share of each batch from ``train_loader``, every validation image), the logged numbers are the whole
     model's, the checkpoint is the one a single process would write, and checkpoints are written at epoch ends only.
+    ``epoch_end(trainer, row)``, if given, is called after every epoch (trained, validated, checkpointed and logged)
+    with that epoch's log row; its time is not training time, and returning True ends training after that epoch
+    (in a distributed run every process must return the same).
     """
 
     model: nn.Module
@@ -276,6 +283,7 @@ class Trainer:
     parameters: list[tuple[str, nn.Parameter]] | None = None
     parallel: Parallel | None = None
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None
+    epoch_end: EpochEnd | None = None
 
     def __post_init__(self) -> None:
         set_backbone_channels_last(self.model, self.cfg)
@@ -360,6 +368,8 @@ class Trainer:
                 if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.epochs:
                     self.save_checkpoint()
                 self._log_row(row)
+                if self.epoch_end is not None and self.epoch_end(self, row):
+                    break
         seen = sum(r["images"] for r in self.history)
         return FitResult(self.history, self.train_seconds, seen / max(self.train_seconds, 1e-9))
 
