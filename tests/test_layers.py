@@ -73,3 +73,14 @@ def test_strided_pointwise_conv_gradient_is_right_in_channels_last(cin, cout):
     (grad,) = torch.autograd.grad(out, layer.weight, grad_out.float())
     torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_small_map_conv_trains_after_its_first_call_in_inference_mode():
+    # the cached tap index must not be an inference tensor: evaluating a freshly shaped model before training it
+    # (a resumed run evaluates finished phases first) must not break the backward pass
+    layer = conv(2, 4, 4, kernel=3, groups=2)
+    x = torch.randn(3, 8, 1, 3)  # a shape no other test uses, so the first call below builds the index
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None

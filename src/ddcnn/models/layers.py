@@ -109,8 +109,10 @@ def _tap_index(
     padding: tuple[int, ...],
     device: torch.device,
 ) -> torch.Tensor:
-    """:func:`_tap_table` as a long tensor on ``device``, made once per shape and device."""
-    return torch.tensor(_tap_table(in_shape, kernel, stride, padding)[0], device=device)
+    """:func:`_tap_table` as a long tensor on ``device``, made once per shape and device. Made outside inference
+    mode even when first asked for in it (an evaluation), as training later saves it for the backward pass."""
+    with torch.inference_mode(False):
+        return torch.tensor(_tap_table(in_shape, kernel, stride, padding)[0], device=device)
 
 
 def small_map_conv(
