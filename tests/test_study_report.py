@@ -1,0 +1,42 @@
+"""study/report.py: the paired differences that docs/results.md's verdicts rest on."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parent.parent / "study" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("study_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows():
+    rows = []
+    for seed, (glob, dnn, mean, vote) in enumerate([(0.50, 0.60, 0.55, 0.50), (0.52, 0.58, 0.60, 0.51)]):
+        rows.append({"method": "global", "grid": "1x1", "seed": seed, "test_accuracy": glob, "train_seconds": 10.0})
+        for method, acc in (("dnn", dnn), ("mean", mean), ("vote", vote)):
+            rows.append({"method": method, "grid": "2x2", "seed": seed, "test_accuracy": acc})
+        for subdomain, acc in enumerate((0.3, 0.4, 0.5, 0.6)):  # local rows are averaged over the subdomains
+            rows.append({"method": "local", "grid": "2x2", "seed": seed, "subdomain": subdomain,
+                         "test_accuracy": acc, "train_seconds": 30.0})
+    return rows
+
+
+def test_differences_are_paired_by_seed_and_count_the_wins(report):
+    lines = report.differences_markdown(_rows(), ["2x2"])
+    cells = [line.strip("| ").split(" | ") for line in lines if line.startswith("| d")]
+    by_name = {name: value for name, value in cells}
+    assert by_name["dnn - mean"] == "+0.0150 ± 0.0495 (1/2)"  # +0.05 and -0.02
+    assert by_name["dnn - vote"] == "+0.0850 ± 0.0212 (2/2)"
+    assert by_name["dnn - global"] == "+0.0800 ± 0.0283 (2/2)"  # against the 1x1 row of the same seed
+    assert "transfer - coherent" not in by_name  # neither was run
+
+
+def test_per_seed_averages_the_local_cnns(report):
+    assert report.per_seed(_rows())["local", "2x2"] == {0: pytest.approx(0.45), 1: pytest.approx(0.45)}
