@@ -40,3 +40,12 @@ def test_differences_are_paired_by_seed_and_count_the_wins(report):
 
 def test_per_seed_averages_the_local_cnns(report):
     assert report.per_seed(_rows())["local", "2x2"] == {0: pytest.approx(0.45), 1: pytest.approx(0.45)}
+
+
+def test_a_variant_table_is_compared_with_its_baseline_seed_by_seed(report):
+    base = _rows()
+    variant = [{**row, "test_accuracy": row["test_accuracy"] + 0.01} for row in base if row["method"] != "global"]
+    lines = report.against_baseline_markdown(variant, base, "base")
+    cells = dict(line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and " | " in line)
+    assert cells["dnn"] == "+0.0100 ± 0.0000 (2/2)" and cells["local"] == "+0.0100 ± 0.0000 (2/2)"
+    assert "global" not in cells  # only the variant's methods
