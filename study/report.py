@@ -25,12 +25,15 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-from ddcnn.compare import CompareConfig, results_markdown, summarize  # noqa: E402
+from ddcnn.compare import CompareConfig, mean_std_cell, results_markdown, summarize  # noqa: E402
 from ddcnn.config import config_from_dict, load_yaml  # noqa: E402
 
 TABLES = ("cifar10_vgg9", "cifar10_vgg9_overlap", "cifar10_resnet20", "tf_flowers", "adrenalmnist3d")
 # a table that changes one setting of another: its methods are compared with that table's, seed by seed
 BASELINES = {"cifar10_vgg9_overlap": "cifar10_vgg9"}
+# tables with imbalanced classes, where accuracy alone misleads (predicting the majority class scores 77% there):
+# the same tables again for these metrics of the test split
+MORE_METRICS = {"adrenalmnist3d": ("test_balanced_accuracy", "test_auc")}
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 PLOTS = ("accuracy.png", "subdomains.png")
 # (name, method a, method b): the paired difference a - b, per grid
@@ -62,11 +65,21 @@ def _mean_std(values: list[float], fmt: str = "{:+.4f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.4f}"
 
 
-def differences_markdown(rows: list[dict[str, Any]], grids: list[str]) -> list[str]:
-    """Paired (same seed) accuracy differences of the claims, per grid: mean ± std and in how many seeds a > b."""
-    acc = per_seed(rows)
+def metric_markdown(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """Methods by grids, mean ± std over seeds, of the metric ``key`` (a field of the rows)."""
+    values = summarize(rows, key)
+    grids = sorted({g for cells in values.values() for g in cells}, key=lambda g: (len(g), g))
+    lines = [f"| {key.replace('_', ' ')} | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
+    for method, cells in values.items():
+        lines.append(f"| {method} | " + " | ".join(mean_std_cell(cells.get(g, [])) for g in grids) + " |")
+    return lines + [""]
+
+
+def differences_markdown(rows: list[dict[str, Any]], grids: list[str], key: str = "test_accuracy") -> list[str]:
+    """Paired (same seed) differences of ``key`` for the claims, per grid: mean ± std and in how many seeds a > b."""
+    acc = per_seed(rows, key)
     lines = [
-        "| difference of test accuracy (paired by seed) | " + " | ".join(grids) + " |",
+        f"| difference of {key.replace('_', ' ')} (paired by seed) | " + " | ".join(grids) + " |",
         "|---|" + "---:|" * len(grids),
     ]
     for name, a, b in DIFFERENCES:
@@ -160,6 +173,8 @@ def table_section(name: str, out_dir: Path) -> list[str]:
     lines += ["#" * 3 + line if line.startswith("#") else line for line in body.splitlines()]
     grids = sorted({r["grid"] for r in rows if r["grid"] != "1x1"})
     lines += ["", "#### Claims, measured", ""] + differences_markdown(rows, grids) + best_markdown(rows, grids, cc)
+    for key in MORE_METRICS.get(name, ()):
+        lines += metric_markdown(rows, key) + differences_markdown(rows, grids, key)
     base = BASELINES.get(name)
     if base is not None and results_path(base).is_file():
         base_rows = json.loads(results_path(base).read_text())["rows"]

@@ -195,7 +195,8 @@ def compare(cc: CompareConfig, data: DatasetSplits | None = None, dist: DistCont
 # -- the tables -------------------------------------------------------------------------------------------------
 
 
-def _cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
+def mean_std_cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
+    """A table cell: the mean ± the standard deviation of ``values`` (one value as it is; none: empty)."""
     if not values:
         return ""
     if len(values) == 1:
@@ -238,7 +239,7 @@ def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset:
         "|---|" + "---:|" * len(grids),
     ]
     for method, cells in accuracy.items():
-        lines.append(f"| {method} | " + " | ".join(_cell(cells.get(g, [])) for g in grids) + " |")
+        lines.append(f"| {method} | " + " | ".join(mean_std_cell(cells.get(g, [])) for g in grids) + " |")
     lines += ["", *(f"- {m}: {note}" for m, note in _NOTES.items() if m in accuracy)]
 
     parameters, phase_seconds, total_seconds = summarize(rows, "parameters"), summarize(rows, "train_seconds"), \
@@ -263,8 +264,8 @@ def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset:
             else:
                 params_text = f"{params:,}"
             lines.append(
-                f"| {method} | {grid} | {params_text} | {_cell(phase_seconds[method][grid], '{:.1f}')} | "
-                f"{_cell(total_seconds.get(method, {}).get(grid, []), '{:.1f}')} | "
+                f"| {method} | {grid} | {params_text} | {mean_std_cell(phase_seconds[method][grid], '{:.1f}')} | "
+                f"{mean_std_cell(total_seconds.get(method, {}).get(grid, []), '{:.1f}')} | "
                 f"{_bytes_cell(model_parallel, method, grid)} | {_bytes_cell(data_parallel, method, grid)} |"
             )
     lines += [
