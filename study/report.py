@@ -146,6 +146,15 @@ def best_markdown(rows: list[dict[str, Any]], grids: list[str], cc: CompareConfi
     return lines + [""] if lines else []
 
 
+def dataset_label(spec: str) -> str:
+    """``cifar10:PATH`` -> cifar10; for the generic readers the file's name: ``npz:.../adrenalmnist3d_28.npz`` ->
+    adrenalmnist3d_28."""
+    kind, _, path = spec.partition(":")
+    if kind in ("npz", "imagefolder") and path:
+        return Path(path).name.split(".")[0]
+    return kind
+
+
 def results_path(name: str) -> Path:
     """Where the run of table ``name`` writes its results.json (the ``out`` of ``study/<name>.yaml``)."""
     return ROOT / config_from_dict(CompareConfig, load_yaml(ROOT / "study" / f"{name}.yaml")).out / "results.json"
@@ -169,7 +178,7 @@ def table_section(name: str, out_dir: Path) -> list[str]:
     if cc.data.limit_train:
         sample = f"a stratified sample of {cc.data.limit_train:,} (`limit_train`, split seed {cc.data.split_seed})"
         lines += [f"Training images: {sample}.", ""]
-    body = results_markdown(rows, cc, cc.data.dataset.split(":")[0])
+    body = results_markdown(rows, cc, dataset_label(cc.data.dataset))
     lines += ["#" * 3 + line if line.startswith("#") else line for line in body.splitlines()]
     grids = sorted({r["grid"] for r in rows if r["grid"] != "1x1"})
     lines += ["", "#### Claims, measured", ""] + differences_markdown(rows, grids) + best_markdown(rows, grids, cc)
