@@ -111,3 +111,22 @@ def test_compare_on_volumes(tmp_path, make_npz):
     assert sorted(r["subdomain"] for r in result.rows if r["method"] == "local") == list(range(8))
     assert {r["grid"] for r in result.rows} == {"2x2x2"}
     assert (result.out / "subdomains.png").stat().st_size > 0
+
+
+def test_a_stopped_compare_keeps_the_results_of_its_finished_seeds(tmp_path, tiny_data_config, monkeypatch):
+    import ddcnn.compare as compare_module
+
+    run_global = compare_module.run_global
+
+    def stop_at_seed_1(exp):
+        if exp.cfg.train.seed == 1:
+            raise KeyboardInterrupt  # as a SIGTERM or Ctrl-C during seed 1
+        return run_global(exp)
+
+    monkeypatch.setattr(compare_module, "run_global", stop_at_seed_1)
+    cfg = tiny_compare(tmp_path, tiny_data_config, seeds=(0, 1), methods=("global", "local", "mean"))
+    with pytest.raises(KeyboardInterrupt):
+        compare(cfg)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["seed"] for r in rows} == {0} and {r["method"] for r in rows} == {"global", "local", "mean"}
+    assert "| mean |" in (tmp_path / "results.md").read_text() and (tmp_path / "accuracy.png").is_file()

@@ -38,7 +38,7 @@ from .methods import (
 )
 from .models.aggregators import list_aggregators
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
-from .train.checkpoint import ensure_writable_folder
+from .train.checkpoint import atomic_write_text, ensure_writable_folder
 from .train.engine import format_bytes
 
 log = logging.getLogger("ddcnn")
@@ -182,14 +182,27 @@ def compare(cc: CompareConfig, data: DatasetSplits | None = None, dist: DistCont
             if "transfer" in methods:
                 exp = phase(grid, seed, "transfer learning", cc.phase_epochs("coherent"), pretrained=True)
                 record([run_transfer(exp)], seed)
-
-    markdown = results_markdown(rows, cc, data.name)
-    if dist.is_primary:
-        (out / "results.json").write_text(json.dumps({"config": config_to_dict(cc), "rows": rows}, indent=2))
-        (out / "results.md").write_text(markdown)
-        _plots(rows, histories, out)
-        log.info("results in %s", out)
+        # after every seed, so that a long comparison that is stopped keeps the tables of its finished seeds
+        markdown = _write_results(rows, histories, cc, data.name, out, dist)
+    log.info("results in %s", out)
     return CompareResult(rows, markdown, out)
+
+
+def _write_results(
+    rows: list[dict[str, Any]],
+    histories: dict[str, dict[str, list[dict[str, Any]]]],
+    cc: CompareConfig,
+    dataset: str,
+    out: Path,
+    dist: DistContext,
+) -> str:
+    """Write results.json, results.md and the plots of ``rows`` (rank 0 only); returns the markdown."""
+    markdown = results_markdown(rows, cc, dataset)
+    if dist.is_primary:
+        atomic_write_text(out / "results.json", json.dumps({"config": config_to_dict(cc), "rows": rows}, indent=2))
+        atomic_write_text(out / "results.md", markdown)
+        _plots(rows, histories, out)
+    return markdown
 
 
 # -- the tables -------------------------------------------------------------------------------------------------
