@@ -15,7 +15,6 @@ import json
 import shutil
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-from ddcnn.compare import CompareConfig, mean_std_cell, results_markdown, summarize  # noqa: E402
+from ddcnn.compare import CompareConfig, mean_std_cell, per_seed, results_markdown, summarize  # noqa: E402
 from ddcnn.config import config_from_dict, load_yaml  # noqa: E402
 
 TABLES = ("cifar10_vgg9", "cifar10_vgg9_overlap", "cifar10_resnet20", "tf_flowers", "adrenalmnist3d")
@@ -45,18 +44,6 @@ DIFFERENCES = (
     ("transfer - global", "transfer", "global"),
     ("coherent - global", "coherent", "global"),
 )
-
-
-def per_seed(rows: list[dict[str, Any]], key: str = "test_accuracy") -> dict[tuple[str, str], dict[int, float]]:
-    """``{(method, grid): {seed: value}}``; local rows are averaged over the subdomains."""
-    values: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    for row in rows:
-        if row.get(key) is not None:
-            values[row["method"], row["grid"], row["seed"]].append(float(row[key]))
-    out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    for (method, grid, seed), v in values.items():
-        out[method, grid][seed] = statistics.mean(v)
-    return out
 
 
 def _mean_std(values: list[float], fmt: str = "{:+.4f}") -> str:

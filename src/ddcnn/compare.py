@@ -217,15 +217,23 @@ def mean_std_cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def summarize(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[str, dict[str, list[float]]]:
-    """``{method: {grid: [value per seed]}}``; for ``local``, each seed's mean over the subdomains."""
-    per_seed: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+def per_seed(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[tuple[str, str], dict[int, float]]:
+    """``{(method, grid): {seed: value}}``; for ``local``, each seed's mean over the subdomains."""
+    values: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for row in rows:
         if row.get(key) is not None:
-            per_seed[row["method"], row["grid"], row["seed"]].append(float(row[key]))
+            values[row["method"], row["grid"], row["seed"]].append(float(row[key]))
+    out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for (method, grid, seed), seed_values in values.items():
+        out[method, grid][seed] = statistics.mean(seed_values)
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[str, dict[str, list[float]]]:
+    """``{method: {grid: [value per seed]}}``; for ``local``, each seed's mean over the subdomains."""
     out: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for (method, grid, _), values in per_seed.items():
-        out[method].setdefault(grid, []).append(statistics.mean(values))
+    for (method, grid), seeds in per_seed(rows, key).items():
+        out[method][grid] = list(seeds.values())
     return {m: out[m] for m in COMPARE_METHODS if m in out}
 
 
