@@ -28,7 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/run.py
 
 # The study of docs/results.md: one `ddcnn compare` per table (study/*.yaml), each resumable, then the report
-# (study/report.py); about two hours on 2 idle CPU cores. Results go to runs/study/<table>/.
+# (study/report.py); about three hours on 2 idle CPU cores. Results go to runs/study/<table>/.
 STUDY ?= cifar10_vgg9 cifar10_vgg9_overlap adrenalmnist3d tf_flowers tf_flowers_crossfit cifar10_resnet20
 study: setup
 	set -e; for table in $(STUDY); do $(BIN)/ddcnn compare --config study/$$table.yaml --no-progress; done
