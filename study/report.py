@@ -27,7 +27,14 @@ except ImportError:  # a checkout without `pip install -e .`
 from ddcnn.compare import CompareConfig, mean_std_cell, per_seed, results_markdown, summarize  # noqa: E402
 from ddcnn.config import config_from_dict, load_yaml  # noqa: E402
 
-TABLES = ("cifar10_vgg9", "cifar10_vgg9_overlap", "cifar10_resnet20", "tf_flowers", "tf_flowers_crossfit", "adrenalmnist3d")
+TABLES = (
+    "cifar10_vgg9",
+    "cifar10_vgg9_overlap",
+    "cifar10_resnet20",
+    "tf_flowers",
+    "tf_flowers_crossfit",
+    "adrenalmnist3d",
+)
 # a table that changes one setting of another: its methods are compared with that table's, seed by seed
 BASELINES = {"cifar10_vgg9_overlap": "cifar10_vgg9", "tf_flowers_crossfit": "tf_flowers"}
 # tables with imbalanced classes, where accuracy alone misleads (predicting the majority class scores 77% there):
