@@ -69,7 +69,8 @@ def plot_method_accuracy(
     for j, grid in enumerate(grids):
         xs = [i + (j - (len(grids) - 1) / 2) * width for i, m in enumerate(methods) if grid in summary[m]]
         cells = [summary[m][grid] for m in methods if grid in summary[m]]
-        ax.bar(xs, [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=3, label=grid, color=f"C{j % 10}")
+        colour = _grid_colour(grid, grids)
+        ax.bar(xs, [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=3, label=grid, color=colour)
     lows = [c[0] - c[1] for cells in summary.values() for c in cells.values()]
     ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.05), 1.0)
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
@@ -110,6 +111,13 @@ def plot_subdomain_heatmaps(
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _grid_colour(grid: str, grids: Sequence[str]) -> str:
+    """The bar colour of ``grid`` among the sorted ``grids``: the global CNN (one subdomain) is always ``C0`` and
+    the decompositions follow, so a table without the global CNN colours its grids as one with it does."""
+    first = 0 if grids and _grid_order(grids[0])[0] == 1 else 1
+    return f"C{(list(grids).index(grid) + first) % 10}"
 
 
 def _grid_order(grid: str) -> tuple[int, str]:
