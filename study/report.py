@@ -24,8 +24,15 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-from ddcnn.compare import CompareConfig, mean_std_cell, per_seed, results_markdown, summarize  # noqa: E402
-from ddcnn.config import config_from_dict, load_yaml  # noqa: E402
+from ddcnn.compare import (  # noqa: E402
+    CompareConfig,
+    mean_std_cell,
+    methods_by_grids,
+    per_seed,
+    results_markdown,
+    summarize,
+)
+from ddcnn.config import config_from_dict, grid_order, load_yaml  # noqa: E402
 
 TABLES = (
     "cifar10_vgg9",
@@ -41,6 +48,7 @@ BASELINES = {"cifar10_vgg9_overlap": "cifar10_vgg9", "tf_flowers_crossfit": "tf_
 # the same tables again for these metrics of the test split
 MORE_METRICS = {"adrenalmnist3d": ("test_balanced_accuracy", "test_auc")}
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+SIGNED = "{:+.4f}"  # a difference: mean signed, std not
 PLOTS = ("accuracy.png", "subdomains.png")
 # (name, method a, method b): the paired difference a - b, per grid
 DIFFERENCES = (
@@ -53,20 +61,19 @@ DIFFERENCES = (
 )
 
 
-def _mean_std(values: list[float], fmt: str = "{:+.4f}") -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.4f}"
+def paired_cell(first: dict[int, float], second: dict[int, float]) -> str:
+    """``first - second`` paired by seed (``{seed: value}``): mean ± std over the seeds both have, and in brackets
+    in how many of them the difference is positive; empty if they share no seed."""
+    seeds = sorted(set(first) & set(second))
+    if not seeds:
+        return ""
+    diffs = [first[s] - second[s] for s in seeds]
+    return f"{mean_std_cell(diffs, SIGNED)} ({sum(d > 0 for d in diffs)}/{len(seeds)})"
 
 
 def metric_markdown(rows: list[dict[str, Any]], key: str) -> list[str]:
     """Methods by grids, mean ± std over seeds, of the metric ``key`` (a field of the rows)."""
-    values = summarize(rows, key)
-    grids = sorted({g for cells in values.values() for g in cells}, key=lambda g: (len(g), g))
-    lines = [f"| {key.replace('_', ' ')} | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
-    for method, cells in values.items():
-        lines.append(f"| {method} | " + " | ".join(mean_std_cell(cells.get(g, [])) for g in grids) + " |")
-    return lines + [""]
+    return methods_by_grids(summarize(rows, key), label=key.replace("_", " ")) + [""]
 
 
 def differences_markdown(rows: list[dict[str, Any]], grids: list[str], key: str = "test_accuracy") -> list[str]:
@@ -77,17 +84,9 @@ def differences_markdown(rows: list[dict[str, Any]], grids: list[str], key: str 
         "|---|" + "---:|" * len(grids),
     ]
     for name, a, b in DIFFERENCES:
-        cells = []
-        for grid in grids:
-            first = acc.get((a, grid), {})
-            second = acc.get((b, "1x1" if b == "global" else grid), {})
-            seeds = sorted(set(first) & set(second))
-            if not seeds:
-                cells.append("")
-                continue
-            diffs = [first[s] - second[s] for s in seeds]
-            wins = sum(d > 0 for d in diffs)
-            cells.append(f"{_mean_std(diffs)} ({wins}/{len(seeds)})")
+        cells = [
+            paired_cell(acc.get((a, grid), {}), acc.get((b, "1x1" if b == "global" else grid), {})) for grid in grids
+        ]
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "In brackets: the seeds in which the first method is more accurate, of the seeds both ran.", ""]
@@ -97,18 +96,13 @@ def differences_markdown(rows: list[dict[str, Any]], grids: list[str], key: str 
 def against_baseline_markdown(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]], base: str) -> list[str]:
     """Paired (same seed) differences of every method's test accuracy from the same method in table ``base``."""
     acc, base_acc = per_seed(rows), per_seed(base_rows)
-    grids = sorted({grid for _, grid in acc})
+    grids = sorted({grid for _, grid in acc}, key=grid_order)
     lines = [
         f"| test accuracy minus {base}'s (paired by seed) | " + " | ".join(grids) + " |",
         "|---|" + "---:|" * len(grids),
     ]
     for method in dict.fromkeys(m for m, _ in acc):
-        cells = []
-        for grid in grids:
-            ours, theirs = acc.get((method, grid), {}), base_acc.get((method, grid), {})
-            seeds = sorted(set(ours) & set(theirs))
-            diffs = [ours[s] - theirs[s] for s in seeds]
-            cells.append(f"{_mean_std(diffs)} ({sum(d > 0 for d in diffs)}/{len(seeds)})" if seeds else "")
+        cells = [paired_cell(acc.get((method, grid), {}), base_acc.get((method, grid), {})) for grid in grids]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines + ["", "In brackets: the seeds in which this table's method is more accurate.", ""]
 
@@ -174,7 +168,7 @@ def table_section(name: str, out_dir: Path) -> list[str]:
         lines += [f"Training images: {sample}.", ""]
     body = results_markdown(rows, cc, dataset_label(cc.data.dataset))
     lines += ["#" * 3 + line if line.startswith("#") else line for line in body.splitlines()]
-    grids = sorted({r["grid"] for r in rows if r["grid"] != "1x1"})
+    grids = sorted({r["grid"] for r in rows if r["grid"] != "1x1"}, key=grid_order)
     lines += ["", "#### Claims, measured", ""] + differences_markdown(rows, grids) + best_markdown(rows, grids, cc)
     for key in MORE_METRICS.get(name, ()):
         lines += metric_markdown(rows, key) + differences_markdown(rows, grids, key)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, format_grid, parse_grid
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, format_grid, grid_order, parse_grid
 from .data import DatasetSplits, load_dataset
 from .distributed import DistContext, primary_first
 from .errors import ConfigError, UnknownNameError
@@ -209,12 +209,23 @@ def _write_results(
 
 
 def mean_std_cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
-    """A table cell: the mean ± the standard deviation of ``values`` (one value as it is; none: empty)."""
+    """A table cell: the mean ± the standard deviation of ``values`` (one value as it is; none: empty). ``fmt``
+    formats both; a ``+`` in it signs the mean only, as a standard deviation has no sign."""
     if not values:
         return ""
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.replace('+', '').format(statistics.stdev(values))}"
+
+
+def methods_by_grids(values: dict[str, dict[str, list[float]]], label: str = "method") -> list[str]:
+    """A markdown table of :func:`summarize`'s ``{method: {grid: [value per seed]}}``: a row per method, a column
+    per grid (in :func:`~ddcnn.config.grid_order`), cells mean ± std over the seeds."""
+    grids = sorted({g for cells in values.values() for g in cells}, key=grid_order)
+    lines = [f"| {label} | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
+    for method, cells in values.items():
+        lines.append(f"| {method} | " + " | ".join(mean_std_cell(cells.get(g, [])) for g in grids) + " |")
+    return lines
 
 
 def per_seed(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[tuple[str, str], dict[int, float]]:
@@ -246,7 +257,6 @@ _NOTES = {
 def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset: str) -> str:
     """The paper-style table (methods by grids, mean ± std over seeds) and a table of parameters and time."""
     accuracy = summarize(rows)
-    grids = sorted({g for cells in accuracy.values() for g in cells}, key=lambda g: (math.prod(parse_grid(g)), g))
     seeds = len(cc.seeds)
     stats = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
     lines = [
@@ -256,12 +266,10 @@ def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset:
         f"{cc.phase_epochs('local')}, aggregators {cc.phase_epochs('dnn')}, coherent and transfer "
         f"{cc.phase_epochs('coherent')}; aggregator inputs: {cc.aggregator_inputs}.",
         "",
-        "| method | " + " | ".join(grids) + " |",
-        "|---|" + "---:|" * len(grids),
+        *methods_by_grids(accuracy),
+        "",
+        *(f"- {m}: {note}" for m, note in _NOTES.items() if m in accuracy),
     ]
-    for method, cells in accuracy.items():
-        lines.append(f"| {method} | " + " | ".join(mean_std_cell(cells.get(g, [])) for g in grids) + " |")
-    lines += ["", *(f"- {m}: {note}" for m, note in _NOTES.items() if m in accuracy)]
 
     parameters, phase_seconds, total_seconds = summarize(rows, "parameters"), summarize(rows, "train_seconds"), \
         summarize(rows, "total_train_seconds")
@@ -276,9 +284,7 @@ def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for method, cells in parameters.items():
-        for grid in grids:
-            if grid not in cells:
-                continue
+        for grid in sorted(cells, key=grid_order):
             params = int(cells[grid][0])
             if method == "local":
                 params_text = f"{math.prod(parse_grid(grid))} x {params:,}"
@@ -328,7 +334,7 @@ def _plots(rows: Sequence[dict[str, Any]], histories: dict[str, dict[str, list[d
         if row["method"] == "local":
             per_subdomain[row["grid"], row["subdomain"]].append(row["test_accuracy"])
     heatmaps = {}
-    for grid in sorted({g for g, _ in per_subdomain}, key=lambda g: math.prod(parse_grid(g))):
+    for grid in sorted({g for g, _ in per_subdomain}, key=grid_order):
         n = math.prod(parse_grid(grid))
         heatmaps[grid] = (parse_grid(grid), [statistics.mean(per_subdomain[grid, i]) for i in range(n)])
     if heatmaps:

@@ -7,6 +7,7 @@ A run's resolved configuration is written next to its results and into every che
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ def parse_grid(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
 
 def format_grid(grid: tuple[int, ...]) -> str:
     return "x".join(str(g) for g in grid)
+
+
+def grid_order(grid: str) -> tuple[int, str]:
+    """Sort key of grids written as text: by number of subdomains (``1x1``, the global CNN, first), then by name."""
+    return math.prod(parse_grid(grid)), grid
 
 
 @dataclass

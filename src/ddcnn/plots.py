@@ -12,6 +12,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .config import grid_order  # noqa: E402
+
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str) -> Path:
     """Confusion matrix as a heatmap with counts (rows: true class, columns: predicted)."""
@@ -63,7 +65,7 @@ def plot_method_accuracy(
     """Grouped bars: one group per method, one bar per grid, height the mean test accuracy over seeds and error
     bars its standard deviation. ``summary[method][grid] = (mean, std)``."""
     methods = list(summary)
-    grids = sorted({g for cells in summary.values() for g in cells}, key=_grid_order)
+    grids = sorted({g for cells in summary.values() for g in cells}, key=grid_order)
     width = 0.8 / max(len(grids), 1)
     fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 0.35 * len(methods) * max(1, len(grids))), 3.8), dpi=120)
     for j, grid in enumerate(grids):
@@ -116,10 +118,5 @@ def plot_subdomain_heatmaps(
 def _grid_colour(grid: str, grids: Sequence[str]) -> str:
     """The bar colour of ``grid`` among the sorted ``grids``: the global CNN (one subdomain) is always ``C0`` and
     the decompositions follow, so a table without the global CNN colours its grids as one with it does."""
-    first = 0 if grids and _grid_order(grids[0])[0] == 1 else 1
+    first = 0 if grids and grid_order(grids[0])[0] == 1 else 1
     return f"C{(list(grids).index(grid) + first) % 10}"
-
-
-def _grid_order(grid: str) -> tuple[int, str]:
-    """Grids by number of subdomains (``1x1`` first), then by name."""
-    return int(np.prod([int(n) for n in grid.split("x")])), grid
