@@ -49,3 +49,15 @@ def test_a_variant_table_is_compared_with_its_baseline_seed_by_seed(report):
     cells = dict(line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and " | " in line)
     assert cells["dnn"] == "+0.0100 ± 0.0000 (2/2)" and cells["local"] == "+0.0100 ± 0.0000 (2/2)"
     assert "global" not in cells  # only the variant's methods
+
+
+def test_every_study_table_is_run_reported_and_published(report):
+    root = REPORT.parent.parent
+    configs = {path.stem for path in (root / "study").glob("*.yaml")}
+    assert set(report.TABLES) == configs  # report.py writes a section for every config and only those
+    study_line = next(line for line in (root / "Makefile").read_text().splitlines() if line.startswith("STUDY ?="))
+    assert set(study_line.split("=", 1)[1].split()) == configs  # `make study` runs them all
+    results = (root / "docs" / "results.md").read_text()
+    for name in configs:
+        assert f"Command: `ddcnn compare --config study/{name}.yaml`" in results
+    assert "(docs/results.md)" in (root / "README.md").read_text()
