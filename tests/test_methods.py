@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ddcnn.cli import main
+from ddcnn.config import RunConfig
 from ddcnn.errors import CheckpointMismatchError, ConfigError
 from ddcnn.methods import (
     METHODS,
@@ -125,10 +126,9 @@ def test_aggregator_inputs(tmp_path, tiny_run, local_phase, mode, rows):
         torch.testing.assert_close(inputs.labels, exp.data.train.labels)
 
 
-def test_unknown_aggregator_inputs_is_a_config_error(tmp_path, tiny_run, local_phase):
-    exp = Experiment.from_config(tiny_run(tmp_path, pretrained=str(local_phase[0]), aggregator_inputs="test"))
-    with pytest.raises(ConfigError, match="aggregator_inputs 'test' is not one of train, crossfit, val, augmented"):
-        aggregation_phase(exp, ["dnn"])
+def test_unknown_aggregator_inputs_is_a_config_error_before_anything_trains():
+    with pytest.raises(ConfigError, match="aggregator_inputs must be one of train, crossfit, val, augmented, got 'test'"):
+        RunConfig(aggregator_inputs="test")
 
 
 def test_transfer_starts_from_the_pretrained_local_cnns_and_dnn(tmp_path, tiny_run, local_phase):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict, load_yaml
-from .errors import DDCNNError
+from .errors import ConfigError, DDCNNError
 
 log = logging.getLogger("ddcnn")
 T = TypeVar("T")
@@ -93,7 +93,9 @@ def resolve_config(
     merged: dict[str, Any] = {s: config_to_dict(getattr(defaults, s)) for s in SECTIONS}
     top = {f.name for f in dataclasses.fields(cls)} - set(SECTIONS)
     for key, value in (yaml_values or {}).items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"config section {key!r} must be a mapping of keys to values, got {value!r}")
+        if key in SECTIONS:
             merged[key].update(value)
         elif key in top:
             merged[key] = value

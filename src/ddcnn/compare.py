@@ -22,7 +22,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, format_grid, grid_order, parse_grid
+from .config import (
+    AGGREGATOR_INPUTS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    check,
+    check_choice,
+    config_to_dict,
+    format_grid,
+    grid_order,
+    parse_grid,
+)
 from .data import DatasetSplits, load_dataset
 from .distributed import DistContext, primary_first
 from .errors import ConfigError, UnknownNameError
@@ -30,7 +42,6 @@ from .methods import (
     Experiment,
     MethodResult,
     aggregation_phase,
-    check_aggregator_inputs,
     run_coherent,
     run_global,
     run_local,
@@ -79,7 +90,9 @@ class CompareConfig:
             raise UnknownNameError("method", unknown[0], COMPARE_METHODS)
         if not self.grids or not self.seeds or not self.methods:
             raise ConfigError("compare needs at least one grid, one seed and one method")
-        check_aggregator_inputs(self.aggregator_inputs)
+        check_choice("aggregator_inputs", self.aggregator_inputs, AGGREGATOR_INPUTS)
+        for phase in PHASE_EPOCHS:
+            check(self.phase_epochs(phase) >= 1, f"{phase}_epochs", self.phase_epochs(phase), "at least 1")
 
     def phase_epochs(self, phase: str) -> int:
         """Epochs of ``phase``: global, local, dnn (every trained aggregator) or coherent (and transfer)."""

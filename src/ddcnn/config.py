@@ -18,6 +18,12 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+PARALLEL_MODES = ("model", "data")
+DTYPES = ("float32", "float64")
+AGGREGATOR_INPUTS = ("train", "crossfit", "val", "augmented")
+
 
 def parse_grid(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     """``"2x2"`` -> ``(2, 2)``, ``"2x2x2"`` -> ``(2, 2, 2)``; ``"1x1"`` is the global CNN."""
@@ -31,6 +37,20 @@ def parse_grid(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     if len(parts) not in (2, 3) or any(p < 1 for p in parts):
         raise ConfigError(f"grid {text!r} must have 2 (image) or 3 (volume) positive entries, e.g. 2x2 or 2x2x2")
     return tuple(parts)
+
+
+def check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    """Raise a ConfigError naming ``key``, its ``value`` and the ``requirement`` it breaks, unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"{key} must be {requirement}, got {value!r}; fix the flag or the YAML key {key}")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    check(value in choices, key, value, f"one of {', '.join(choices)}")
+
+
+def _optional_positive(value: float | None) -> bool:
+    return value is None or value > 0
 
 
 def format_grid(grid: tuple[int, ...]) -> str:
@@ -59,6 +79,18 @@ class DataConfig:
     max_memory_gb: float = 4.0  # datasets larger than this stream from the on-disk cache
     num_workers: int = 0  # DataLoader workers when streaming
 
+    def __post_init__(self) -> None:
+        check(_optional_positive(self.image_size), "image_size", self.image_size, "a positive side length or None")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
+        check(self.crop_padding >= 0, "crop_padding", self.crop_padding, "0 or more pixels")
+        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        check(0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "in [0, 1)")
+        check(self.split_seed >= 0, "split_seed", self.split_seed, "0 or more")
+        check(_optional_positive(self.limit_train), "limit_train", self.limit_train, "a positive count or None")
+        check(self.max_memory_gb > 0, "max_memory_gb", self.max_memory_gb, "positive")
+        check(self.num_workers >= 0, "num_workers", self.num_workers, "0 or more")
+
 
 @dataclass
 class ModelConfig:
@@ -75,6 +107,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.grid = parse_grid(self.grid)
         self.dnn_hidden = tuple(int(h) for h in self.dnn_hidden)
+        check(self.width > 0 and math.isfinite(self.width), "width", self.width, "a positive multiplier")
+        check(self.overlap >= 0, "overlap", self.overlap, "0 or more pixels")
+        check(all(h >= 1 for h in self.dnn_hidden), "dnn_hidden", self.dnn_hidden, "positive layer sizes")
+        check(0 <= self.dnn_dropout < 1, "dnn_dropout", self.dnn_dropout, "in [0, 1)")
 
 
 @dataclass
@@ -101,6 +137,26 @@ class TrainConfig:
     # parallelism); data: every process holds the whole model and a share of each batch (the baseline)
     parallel: str = "model"
     dist_timeout: float = 30.0  # minutes a process waits for the others at a collective before the job fails
+    # floating-point type of parameters, activations and gradients: float32, or float64 (slow), in which runs that
+    # differ only in the order of floating-point sums (1 against N processes) agree to ~1e-12 instead of ~1e-4
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive learning rate")
+        check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check(0 <= self.warmup_fraction <= 1, "warmup_fraction", self.warmup_fraction, "in [0, 1]")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
+        check(_optional_positive(self.grad_clip), "grad_clip", self.grad_clip, "a positive norm or None")
+        check(self.seed >= 0, "seed", self.seed, "0 or more")
+        check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1 epoch")
+        check(_optional_positive(self.threads), "threads", self.threads, "a positive count or None")
+        check_choice("parallel", self.parallel, PARALLEL_MODES)
+        check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "positive minutes")
+        check_choice("dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -123,6 +179,13 @@ class RunConfig:
     augmented_passes: int = 2  # passes of aggregator_inputs=augmented
     transfer_aggregator: bool = False  # transfer: start the aggregator from the aggregation phase's, not at random
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.local_epochs is None or self.local_epochs >= 1, "local_epochs", self.local_epochs, "at least 1")
+        check(self.dnn_epochs is None or self.dnn_epochs >= 1, "dnn_epochs", self.dnn_epochs, "at least 1")
+        check_choice("aggregator_inputs", self.aggregator_inputs, AGGREGATOR_INPUTS)
+        check(self.crossfit_folds >= 2, "crossfit_folds", self.crossfit_folds, "at least 2")
+        check(self.augmented_passes >= 1, "augmented_passes", self.augmented_passes, "at least 1")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -173,6 +236,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
     if annotation in (int, float, str):
+        if isinstance(value, bool) and annotation is not str:
+            raise ConfigError(f"config key {key!r} must be {annotation.__name__}, got {value!r}")
+        if annotation is not str and isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {key!r} must be {annotation.__name__}, got {value!r}")
         if annotation is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
         try:

@@ -543,7 +543,9 @@ def data_parallel_bytes_per_step(model: nn.Module) -> int:
     return sum_over_whole_model(model, lambda p: p.numel() * p.element_size() if p.requires_grad else 0)
 
 
-def subdomain_gather_bytes_per_step(batch_size: int, num_subdomains: int, num_classes: int) -> int:
-    """What model-parallel training of a CNN-DNN gathers every step: ``B*N*K`` float32 probabilities (forward; the
-    backward moves nothing)."""
-    return batch_size * num_subdomains * num_classes * 4
+def subdomain_gather_bytes_per_step(
+    batch_size: int, num_subdomains: int, num_classes: int, element_size: int = 4
+) -> int:
+    """What model-parallel training of a CNN-DNN gathers every step: ``B*N*K`` probabilities of ``element_size``
+    bytes (float32: 4; forward only, the backward moves nothing)."""
+    return batch_size * num_subdomains * num_classes * element_size

@@ -55,6 +55,7 @@ from .train.engine import (
     EvalResult,
     FitResult,
     Trainer,
+    compute_dtype,
     evaluate,
     format_bytes,
     resolve_device,
@@ -63,8 +64,6 @@ from .train.engine import (
 from .train.metrics import ClassificationReport, classification_report
 
 log = logging.getLogger("ddcnn")
-
-AGGREGATOR_INPUTS = ("train", "crossfit", "val", "augmented")
 
 
 @dataclass
@@ -214,12 +213,14 @@ def checkpoint_finished(path: Path) -> bool:
 
 def build_local_cnns(exp: Experiment, decomposition: Decomposition) -> LocalCNNs:
     m = exp.cfg.model
-    return LocalCNNs(m.backbone, decomposition, exp.data.in_channels, exp.data.num_classes, m.width).to(exp.device)
+    local_cnns = LocalCNNs(m.backbone, decomposition, exp.data.in_channels, exp.data.num_classes, m.width)
+    return local_cnns.to(exp.device, compute_dtype(exp.cfg.train))
 
 
 def build_aggregator(exp: Experiment, name: str, decomposition: Decomposition) -> Aggregator:
     options = aggregator_options(name, exp.cfg.model)
-    return create_aggregator(name, decomposition.num_subdomains, exp.data.num_classes, **options).to(exp.device)
+    aggregator = create_aggregator(name, decomposition.num_subdomains, exp.data.num_classes, **options)
+    return aggregator.to(exp.device, compute_dtype(exp.cfg.train))
 
 
 def _aggregator_meta(exp: Experiment, name: str) -> dict[str, Any]:
@@ -373,8 +374,6 @@ def _crossfit_probabilities(exp: Experiment, decomposition: Decomposition) -> Lo
     each fold, local CNNs trained on the other k-1 (checkpoint ``crossfit<j>.pt``, validated on the held-out fold)
     predict it."""
     k = exp.cfg.crossfit_folds
-    if k < 2:
-        raise ConfigError(f"crossfit_folds must be at least 2, got {k}")
     train = exp.data.train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(exp.cfg.train.seed))
     folds = [fold.sort().values for fold in order.chunk(k)]
@@ -390,11 +389,6 @@ def _crossfit_probabilities(exp: Experiment, decomposition: Decomposition) -> Lo
     return LocalProbabilities(probabilities, train.labels.clone())
 
 
-def check_aggregator_inputs(mode: str) -> None:
-    if mode not in AGGREGATOR_INPUTS:
-        raise ConfigError(f"aggregator_inputs {mode!r} is not one of {', '.join(AGGREGATOR_INPUTS)}")
-
-
 def aggregator_training_inputs(
     exp: Experiment, local_cnns: LocalCNNs, decomposition: Decomposition
 ) -> LocalProbabilities:
@@ -406,7 +400,6 @@ def aggregator_training_inputs(
     images with the training augmentation of ``cfg.data`` (so, without augmentation, the ``train`` inputs repeated).
     """
     mode, cfg, parallel = exp.cfg.aggregator_inputs, exp.cfg.train, exp.parallel(decomposition)
-    check_aggregator_inputs(mode)
     if mode == "train":
         return local_probabilities(local_cnns, exp.loader("train"), cfg, exp.device, parallel)
     if mode == "val":
@@ -457,7 +450,6 @@ def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None)
     ``<aggregator>.pt`` (a ``cnn_dnn`` checkpoint loadable by :func:`model_from_checkpoint`); with
     ``cfg.resume`` a finished one is loaded instead of fitted again.
     """
-    check_aggregator_inputs(exp.cfg.aggregator_inputs)
     decomposition = exp.decomposition()
     local_cnns, local_state = pretrained_local_cnns(exp, decomposition)
     inputs = _LocalInputs(exp, local_cnns, decomposition)
@@ -566,7 +558,8 @@ def _train_cnn_dnn(exp: Experiment, model: CNNDNN, name: str, pretraining_second
             "total_train_seconds": pretraining_seconds + fit.train_seconds,
             "test_subdomain_accuracy": local_test.subdomain_accuracy,
             **_communication(model, subdomain_gather_bytes_per_step(
-                exp.cfg.data.batch_size, decomposition.num_subdomains, exp.data.num_classes
+                exp.cfg.data.batch_size, decomposition.num_subdomains, exp.data.num_classes,
+                compute_dtype(exp.cfg.train).itemsize,
             )),
         },
     )

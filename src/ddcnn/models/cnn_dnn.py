@@ -65,7 +65,8 @@ class CNNDNN(nn.Module):
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         """The local CNNs' probabilities ``(B, N, K)``."""
-        probabilities = self.local_cnns(x).float().softmax(-1)
+        logits = self.local_cnns(x)  # in float32 at least: autocast's bf16 is too coarse for probabilities
+        probabilities = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         return probabilities if self.gather is None else self.gather(probabilities)
 
     def forward_with_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,7 +98,8 @@ class LocalCNNs(nn.Module):
         part.net.load_state_dict(
             stack_state_dicts([split_state_dict(state, self.num_subdomains, self.subdomains.index(i)) for i in subdomains])
         )
-        return part.to(next(self.parameters()).device)
+        first = next(self.parameters())
+        return part.to(first.device, first.dtype)
 
     @classmethod
     def from_local_cnns(

@@ -92,15 +92,25 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The floating-point type of parameters and activations (``cfg.dtype``; autocast may lower it, see --amp)."""
+    return getattr(torch, cfg.dtype)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is of a lower precision (bf16 autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy; for ``(B, N, K)`` logits the sum over subdomains of each local CNN's mean loss."""
     if logits.dim() == 3:
         b, n, k = logits.shape
         total = F.cross_entropy(
-            logits.reshape(b * n, k).float(), y.repeat_interleave(n), label_smoothing=label_smoothing, reduction="sum"
+            at_least_float32(logits.reshape(b * n, k)), y.repeat_interleave(n), label_smoothing=label_smoothing, reduction="sum"
         )
         return total / b
-    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    return F.cross_entropy(at_least_float32(logits), y, label_smoothing=label_smoothing)
 
 
 def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -186,7 +196,7 @@ def evaluate(
         x = _to_memory_format(x, cfg, device)
         with autocast(cfg, device):
             logits = model(x)
-        logits = logits.float()
+        logits = at_least_float32(logits)
         loss_sum += float(classification_loss(logits, y)) * len(y)
         hits = (logits.argmax(-1) == (y[:, None] if logits.dim() == 3 else y)).sum(0)
         correct = hits if correct is None else correct + hits
@@ -213,6 +223,9 @@ def evaluate(
 
 
 def _to_memory_format(x: torch.Tensor, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """A batch as the model takes it: in ``cfg.dtype`` (images arrive in float32) and, if so configured,
+    channels-last."""
+    x = x.to(compute_dtype(cfg)) if x.is_floating_point() else x
     if x.dim() == 4 and use_channels_last(cfg, device):
         return x.contiguous(memory_format=torch.channels_last)
     return x
