@@ -60,3 +60,12 @@ def tiny_run(tiny_data_config):
         return cfg
 
     return make
+
+
+def one_phase_results(run_dir: Path) -> dict:
+    """The ``results.json`` of a run folder that holds one phase, as ``{"rows", "config", "history"}``."""
+    import json
+
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    ((phase,),) = [list(results["phases"].values())]
+    return {"rows": results["rows"], "config": phase["config"], "history": phase["history"]}

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ddcnn.cli import main
 from ddcnn.config import DataConfig
 from ddcnn.data import (
     ImageSet,
@@ -37,6 +38,8 @@ from ddcnn.data import (
     make_loader,
     safe_extract,
 )
+from ddcnn.data.assemble import assemble
+from ddcnn.data.dataset import RawDataset
 from ddcnn.data.splits import stratified_sample
 from ddcnn.errors import (
     ChecksumError,
@@ -62,6 +65,14 @@ def mnist() -> tuple[DataConfig, object]:
 
 def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """The one line ``ddcnn ARGV`` prints on stderr, having exited with status 2 (and no traceback)."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ddcnn: error: "), err
+    return err
 
 
 # ---------------------------------------------------------------------------------------------------- splits, mnist
@@ -114,6 +125,54 @@ def test_stratified_sample_is_exact_and_proportional():
 def test_bad_split_fraction_is_a_config_error(cfg):
     with pytest.raises(ConfigError, match="val_fraction"):
         load_dataset(replace(cfg, val_fraction=1.5))
+
+
+def test_limit_train_below_the_classes_or_above_the_images(cfg, caplog):
+    with pytest.raises(ConfigError, match=r"limit_train=5 is fewer images than the 10 classes, .*at least 10"):
+        load_dataset(replace(cfg, limit_train=5))
+    data = load_dataset(replace(cfg, limit_train=10**6))
+    assert len(data.train) == 3600 and "limit_train=1000000 exceeds the 3600 training images" in caplog.text
+
+
+def test_a_positive_fraction_carves_at_least_one_image(tmp_path, cfg, make_npz):
+    file = make_npz(tmp_path / "few.npz", n=6, classes=2)  # test: 0.2 of 6 is 1 image; val: 0.1 of 5 rounds to none
+    data = load_dataset(replace(cfg, dataset=f"npz:{file}", test_fraction=0.2, val_fraction=0.1))
+    assert (len(data.train), len(data.val), len(data.test)) == (4, 1, 1)
+    assert len(load_dataset(replace(cfg, dataset=f"npz:{file}", test_fraction=0.2, val_fraction=0.0)).val) == 0
+
+
+def test_classes_left_without_training_images_are_named_in_a_warning(tmp_path, cfg, caplog):
+    np.savez(tmp_path / "rare.npz", x=np.zeros((11, 4, 4), np.uint8), y=np.array([0] * 10 + [1]))
+    # test: 6 of 11 images, 5.45 of class 0 and 0.55 of class 1, whose larger remainder wins it the 6th
+    data = load_dataset(replace(cfg, dataset=f"npz:{tmp_path / 'rare.npz'}", test_fraction=0.55, val_fraction=0.0))
+    assert 1 not in data.train.labels.tolist()
+    assert "1 class(es) (1) have no training images after carving val and test" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"class_names": ["only"]}, r"has only 1 class \(only\); a classifier needs at least 2"),
+        ({"labels": np.array([0, 1, 2, 1])}, r"its train split has labels in \[0, 2\], outside 0..1 for 2 classes"),
+        ({"test": np.zeros((3, 1, 5, 5), np.uint8)}, r"its test split holds images of shape \(1, 5, 5\) but train"),
+        ({"test": np.zeros((0, 1, 4, 4), np.uint8)}, r"its test split holds 0 images and 3 labels"),
+    ],
+    ids=["one class", "label beyond the classes", "test of another shape", "empty test"],
+)
+def test_assemble_checks_any_reader_s_dataset(cfg, change, message):
+    labels = change.get("labels", np.array([0, 1, 0, 1]))
+    raw = RawDataset(
+        "custom",
+        change.get("class_names", ["a", "b"]),
+        {
+            "train": (np.zeros((4, 1, 4, 4), np.uint8), labels),
+            "test": (change.get("test", np.zeros((3, 1, 4, 4), np.uint8)), np.array([0, 1, 0])),
+        },
+        fingerprint="custom",
+        location="memory",
+    )
+    with pytest.raises(DatasetError, match=message):
+        assemble(raw, replace(cfg, val_fraction=0.0))
 
 
 def test_describe_dataset_counts_classes(cfg):
@@ -351,6 +410,47 @@ def test_bad_image_trees_are_dataset_errors(tmp_path, cfg, problem, message):
         load_dataset(replace(cfg, dataset=f"imagefolder:{root}"))
 
 
+def test_a_link_to_a_containing_folder_is_skipped_with_a_warning(tmp_path, cfg, caplog):
+    root = tmp_path / "data"
+    write_images(root / "a", [("RGB", (8, 8))] * 3)
+    write_images(root / "b", [("RGB", (8, 8))] * 3)
+    (root / "a" / "self").symlink_to(".")
+    (root / "b" / "up").symlink_to("..")
+    (root / "b" / "deep").mkdir()
+    (root / "b" / "deep" / "back").symlink_to("../../b")
+    data = load_dataset(replace(cfg, dataset=f"imagefolder:{root}", test_fraction=0.0, val_fraction=0.0))
+    assert data.class_names == ["a", "b"] and torch.bincount(data.train.labels).tolist() == [3, 3]
+    for link in ("a/self", "b/up", "b/deep/back"):
+        assert f"skipping {root / link}: a link to " in caplog.text
+    assert caplog.text.count("skipping") == 3  # each folder is listed once
+
+
+def test_a_tree_that_is_only_a_loop_is_a_dataset_error(tmp_path, cfg):
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    (tmp_path / "data" / "only" / "loop").symlink_to("..")
+    with pytest.raises(DatasetError, match=r"only holds no class folders"):
+        load_dataset(replace(cfg, dataset=f"imagefolder:{tmp_path / 'data'}"))
+
+
+@pytest.mark.parametrize("problem", ["loop", "dangling"])
+def test_an_image_link_that_cannot_be_followed_names_the_file(tmp_path, cfg, capsys, problem):
+    root = tmp_path / "data"
+    write_images(root / "a", [("RGB", (8, 8))] * 2)
+    write_images(root / "b", [("RGB", (8, 8))] * 2)
+    (root / "b" / "x.png").symlink_to("y.png" if problem == "loop" else "missing.png")
+    if problem == "loop":
+        (root / "b" / "y.png").symlink_to("x.png")
+    with pytest.raises(DatasetError, match=r"b/x\.png is a symbolic link to .*\.png that cannot be followed"):
+        load_dataset(replace(cfg, dataset=f"imagefolder:{root}"))
+    assert "x.png is a symbolic link" in cli_error(capsys, ["datasets", f"imagefolder:{root}"])
+
+
+def test_a_single_class_is_a_dataset_error(tmp_path, cfg):
+    write_images(tmp_path / "data" / "train" / "cat", [("RGB", (8, 8))] * 4)
+    with pytest.raises(DatasetError, match=r"has only 1 class \(cat\); a classifier needs at least 2"):
+        load_dataset(replace(cfg, dataset=f"imagefolder:{tmp_path / 'data'}"))
+
+
 # ---------------------------------------------------------------------------------------------------- npz
 
 
@@ -418,7 +518,7 @@ def test_npz_3d_volumes(tmp_path, cfg):
             {"x": np.zeros((4, 3, 3)), "y": np.array([0, 1, 2, 3]), "class_names": np.array(["a", "b"])},
             r"labels in \[0, 3\], outside 0..1 for 2 classes",
         ),
-        ({"x": np.zeros((4, 3, 3)), "y": np.array([0, 1, -1, 0])}, r"labels in \[-1, 1\]"),
+        ({"x": np.zeros((4, 3, 3)), "y": np.array([0, 1, -1, 0])}, r"y_train holds negative labels \(down to -1\)"),
         (
             {"x": np.full((4, 3, 3), np.nan), "y": np.zeros(4, int)},
             r"contains NaN/inf values in x_train; clean the data",
@@ -431,6 +531,70 @@ def test_bad_npz_contents_are_dataset_errors(tmp_path, cfg, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DatasetError, match=message):
         load_dataset(replace(cfg, dataset=f"npz:{tmp_path / 'bad.npz'}", val_fraction=0.0, test_fraction=0.0))
+
+
+X, Y = np.zeros((20, 4, 4), np.uint8), np.arange(20) % 2
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": X, "y": np.array([0, 100000] * 10)}, r"y_train holds label 100000, but the dataset has only 20 images"),
+        (
+            {"x": np.zeros((300, 2, 2), np.uint8), "y": np.array([0, 150] * 150)},
+            r"labels run up to 150 but classes 1, 2, 3, 4, 5, ... \(149 of 151\) have no images; relabel",
+        ),
+        ({"x": X, "y": Y - 1}, r"y_train holds negative labels \(down to -1\)"),
+        ({"x": X, "y": Y / 2}, r"y_train holds non-integer labels \(e.g. 0.5\)"),
+        ({"x": X, "y": np.where(Y == 0, np.nan, 1.0)}, r"y_train contains NaN/inf labels"),
+        ({"x": X, "y": Y.astype(str)}, r"y_train is a <U21 array; store integer class indices"),
+        ({"x": X, "y": np.eye(2)[Y]}, r"y_train has shape \(20, 2\); store one class index per image"),
+        ({"x_train": X, "y_train": Y[:10]}, r"y_train holds 10 labels for 20 images"),
+        ({"x": X, "y": Y, "class_names": np.array([], dtype=str)}, r"class_names is empty"),
+    ],
+    ids=[
+        "label far beyond",
+        "missing classes",
+        "negative",
+        "fractional",
+        "nan",
+        "strings",
+        "one-hot",
+        "length",
+        "no names",
+    ],
+)
+def test_bad_npz_labels_are_refused_before_anything_per_class(tmp_path, cfg, capsys, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(replace(cfg, dataset=f"npz:{tmp_path / 'bad.npz'}"))
+    assert "bad.npz: " in cli_error(capsys, ["datasets", f"npz:{tmp_path / 'bad.npz'}"])
+
+
+def test_npz_labels_may_be_whole_floats(tmp_path, cfg):
+    np.savez(tmp_path / "floats.npz", x=X, y=Y.astype(np.float32))
+    assert load_dataset(replace(cfg, dataset=f"npz:{tmp_path / 'floats.npz'}")).class_names == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x_test": X[:0], "y_test": Y[:0]}, r"x_test holds no images; store at least one image in it or leave"),
+        (
+            {"x_val": np.zeros((4, 5, 5), np.uint8), "y_val": Y[:4]},
+            r"x_val holds images of shape 1 x 5 x 5 but x_train 1 x 4 x 4",
+        ),
+        ({"x_val": np.zeros((4, 4, 4)), "y_val": Y[:4]}, r"x_val is float64 but x_train uint8; store every split"),
+        ({"x_test": X[:4], "y_test": Y[:3]}, r"y_test holds 3 labels for 4 images"),
+        ({"x_train": np.zeros(20)}, r"x_train has shape \(20,\), which is not an image or volume batch"),
+        ({"x_train": np.zeros((20, 0, 4))}, r"x_train holds images of shape 1 x 0 x 4, without pixels"),
+    ],
+    ids=["empty test", "val of another shape", "val of another dtype", "test labels", "1-d x", "no pixels"],
+)
+def test_every_npz_split_is_checked_at_load_time(tmp_path, cfg, arrays, message):
+    np.savez(tmp_path / "bad.npz", **({"x_train": X, "y_train": Y} | arrays))
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(replace(cfg, dataset=f"npz:{tmp_path / 'bad.npz'}"))
 
 
 def test_a_file_that_is_not_npz_is_a_dataset_error(tmp_path, cfg):
@@ -585,8 +749,11 @@ def symlink_member(name: str, target: str) -> tarfile.TarInfo:
         tarfile.TarInfo("sub/../../escape.txt"),
         symlink_member("link", "../../etc"),
         symlink_member("abs_link", "/etc/passwd"),
+        symlink_member("train/up", ".."),
+        symlink_member("train/self", "."),
+        symlink_member("a.png", "a.png"),
     ],
-    ids=["absolute", "dotdot", "escaping symlink", "absolute symlink"],
+    ids=["absolute", "dotdot", "escaping symlink", "absolute symlink", "link up", "link to its folder", "self link"],
 )
 def test_safe_extract_refuses_members_outside_the_target(tmp_path, member):
     archive = tar_with(tmp_path / "evil.tar", member, b"x")
@@ -605,6 +772,34 @@ def test_safe_extract_refuses_zip_traversal_and_extracts_good_archives(tmp_path)
     archive = tar_with(tmp_path / "good.tar", symlink_member("inner/link", "../fine.txt"))
     safe_extract(archive, tmp_path / "good")
     assert (tmp_path / "good" / "fine.txt").is_file() and (tmp_path / "good" / "inner" / "link").is_symlink()
+
+
+@pytest.mark.parametrize("target", ["missing.txt", "sub", "link"])
+def test_safe_extract_refuses_a_hard_link_to_anything_but_an_earlier_file(tmp_path, target):
+    archive = tmp_path / "odd.tar"
+    with tarfile.open(archive, "w") as tar:
+        sub = tarfile.TarInfo("sub")
+        sub.type = tarfile.DIRTYPE
+        tar.addfile(sub)
+        hard = tarfile.TarInfo("link")
+        hard.type, hard.linkname = tarfile.LNKTYPE, target
+        tar.addfile(hard)
+    with pytest.raises(DatasetError, match=rf"hard link 'link' points to '{target}', which is not a regular file"):
+        safe_extract(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_an_image_tree_archive_with_a_loop_leaves_nothing_in_the_cache(tmp_path, cfg, capsys):
+    write_images(tmp_path / "tree" / "train" / "a", [("RGB", (8, 8))] * 2)
+    write_images(tmp_path / "tree" / "train" / "b", [("RGB", (8, 8))] * 2)
+    (tmp_path / "tree" / "train" / "up").symlink_to("..")
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "tree", arcname="tree")
+    with pytest.raises(UnsafeArchiveError, match=r"symbolic link 'tree/train/up' points to '..'.*makes the tree loop"):
+        load_dataset(replace(cfg, dataset=f"imagefolder:{archive}"))
+    assert list((tmp_path / "cache" / "extracted").iterdir()) == []
+    assert "refusing to extract" in cli_error(capsys, ["datasets", f"imagefolder:{archive}"])
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -40,6 +40,8 @@ from ddcnn.errors import ConfigError, DistributedError
 from ddcnn.models import LocalCNNs
 from ddcnn.models.aggregators import create_aggregator
 from ddcnn.train import load_checkpoint
+
+from conftest import one_phase_results
 from ddcnn.train.engine import build_optimizer, classification_loss
 
 B, K = 6, 3
@@ -283,7 +285,7 @@ def train(cfg: RunConfig, processes: int = 1) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads((Path(cfg.out) / "results.json").read_text())
+    return one_phase_results(Path(cfg.out))
 
 
 def assert_same_run(run: dict[str, Any], reference: dict[str, Any], checkpoint: str) -> None:

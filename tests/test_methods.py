@@ -42,7 +42,7 @@ def local_phase(tiny_data_config, tmp_path_factory):
 def test_every_method_trains_and_writes_a_loadable_checkpoint(tmp_path, tiny_run, method):
     result = run(tiny_run(tmp_path, method=method))
     payload = json.loads((tmp_path / "results.json").read_text())
-    assert payload["rows"][0]["method"] == result.method and payload["history"] == result.history
+    assert payload["rows"][0]["method"] == result.method and payload["phases"][result.method]["history"] == result.history
     assert (tmp_path / f"confusion_{result.method}.png").is_file()
     state = load_checkpoint(tmp_path / f"{result.method}.pt")
     assert state["finished"]

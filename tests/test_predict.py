@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from ddcnn.errors import CheckpointError, CorruptImageError, DatasetError
 from ddcnn.methods import Experiment, model_from_checkpoint, run
 from ddcnn.predict import predict, resolve_checkpoint
 from ddcnn.train import load_checkpoint
+from ddcnn.train.checkpoint import require_keys
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +99,88 @@ def test_a_run_folder_with_several_checkpoints_needs_one_named(trained):
     (trained["cnn_dnn"] / "results.json").unlink()
     with pytest.raises(CheckpointError, match=r"holds several checkpoints \(dnn.pt, local.pt\); pass one"):
         resolve_checkpoint(trained["cnn_dnn"])
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """The one line ``ddcnn ARGV`` prints on stderr, having exited with status 2 (and no traceback)."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ddcnn: error: "), err
+    return err
+
+
+def test_a_folder_among_the_images_is_a_one_line_error(trained, tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(DatasetError, match=r"photos is a folder; pass the image files in it"):
+        predict(trained["global"], [tmp_path / "photos"])
+    argv = ["predict", "--checkpoint", str(trained["global"]), str(tmp_path / "photos")]
+    assert "photos is a folder" in cli_error(capsys, argv)
+    with pytest.raises(DatasetError, match=r"no images given"):
+        predict(trained["global"], [])
+
+
+def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
+    """Files named .pt that are not ddcnn checkpoints, by what is wrong with them."""
+    files = {name: folder / f"{name}.pt" for name in ("empty", "text", "npy", "tensor", "no model", "truncated")}
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("model: vgg9\n")
+    np.save(folder / "array.npy", np.zeros(3))
+    (folder / "array.npy").rename(files["npy"])
+    torch.save(torch.zeros(3), files["tensor"])
+    torch.save({"weights": torch.zeros(3)}, files["no model"])
+    torch.save({"model": {}, "meta": {}}, folder / "whole.pt")
+    files["truncated"].write_bytes((folder / "whole.pt").read_bytes()[:200])
+    return files
+
+
+BAD_CHECKPOINTS = {
+    "empty": r"empty\.pt is empty \(0 bytes\)",
+    "text": r"text\.pt is not a torch checkpoint",
+    "npy": r"npy\.pt is not a torch checkpoint",
+    "tensor": r"tensor\.pt holds a Tensor, not a ddcnn checkpoint",
+    "no model": r"no model\.pt lacks 'model', so it is not a ddcnn checkpoint \(it holds 'weights'\)",
+    "truncated": r"truncated\.pt cannot be read \(.+\); it is corrupt or truncated",
+}
+
+
+@pytest.mark.parametrize("name", BAD_CHECKPOINTS)
+def test_load_checkpoint_refuses_what_is_not_a_ddcnn_checkpoint(tmp_path, name):
+    path = write_bad_checkpoints(tmp_path)[name]
+    with pytest.raises(CheckpointError, match=BAD_CHECKPOINTS[name]) as error:
+        load_checkpoint(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_predict_and_evaluate_give_one_line_for_a_bad_checkpoint(tmp_path, capsys, command):
+    Image.new("L", (16, 16)).save(tmp_path / "image.png")
+    for name, path in write_bad_checkpoints(tmp_path).items():
+        argv = [command, "--checkpoint", str(path), *([str(tmp_path / "image.png")] if command == "predict" else [])]
+        assert path.name in cli_error(capsys, argv), name
+
+
+def test_a_checkpoint_without_meta_or_config_says_what_it_lacks(tmp_path, capsys):
+    torch.save({"model": {}, "epoch": 3}, tmp_path / "bare.pt")
+    Image.new("L", (16, 16)).save(tmp_path / "image.png")
+    with pytest.raises(CheckpointError, match=r"bare\.pt lacks 'meta', 'config', so it is not a ddcnn checkpoint"):
+        load_checkpoint(tmp_path / "bare.pt", require=("meta", "config"))
+    argv = ["predict", "--checkpoint", str(tmp_path / "bare.pt"), str(tmp_path / "image.png")]
+    assert "lacks 'meta'" in cli_error(capsys, argv)
+    torch.save({"model": {}, "meta": {"class_names": ["a", "b"]}}, tmp_path / "thin.pt")
+    with pytest.raises(CheckpointError, match=r"thin\.pt \(its meta\) lacks 'image_shape', 'in_channels'"):
+        predict(tmp_path / "thin.pt", [tmp_path / "image.png"])
+    state = {"model": {}, "meta": {"kind": "local_cnns"}}
+    require_keys(state, "x.pt", ("model", "meta"))  # all there: no error
+
+
+def test_evaluate_a_checkpoint_without_config_is_a_one_line_error(tmp_path, capsys):
+    torch.save({"model": {}, "meta": {}}, tmp_path / "bare.pt")
+    assert "lacks 'config'" in cli_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "bare.pt")])
+
+
+def test_an_unreadable_results_json_does_not_hide_the_run_folder_s_checkpoint(trained, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "global.pt").write_bytes((trained["global"] / "global.pt").read_bytes())
+    (folder / "results.json").write_text("{ not json")
+    assert resolve_checkpoint(folder) == folder / "global.pt"

@@ -8,7 +8,7 @@ is small, so it stays in memory and an aggregator trains on it for many epochs a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from torch import nn
 from .config import TrainConfig
 from .distributed import Parallel
 from .models.aggregators import Aggregator
+from .train.callbacks import Callback
 from .train.engine import FitResult, Trainer, evaluate
 
 
@@ -113,6 +114,7 @@ def fit_aggregator(
     batch_size: int,
     log_csv: Path | None = None,
     save: bool = True,
+    callbacks: Sequence[Callback] = (),
 ) -> AggregatorFit:
     """Fit ``aggregator``: if trainable, the Trainer on ``train`` for ``epochs`` with ``val`` for the per-epoch
     validation numbers; else its closed-form ``fit`` on ``val`` (if it has one). ``save``: False on the processes
@@ -127,7 +129,9 @@ def fit_aggregator(
         return AggregatorFit([], seconds, len(val) / max(seconds, 1e-9))
     if train is None:
         raise ValueError(f"the {aggregator.name} aggregator is trained and needs training inputs")
-    trainer = Trainer(aggregator, cfg, device, epochs, log_csv=log_csv, desc=aggregator.name, save=save)
+    trainer = Trainer(
+        aggregator, cfg, device, epochs, log_csv=log_csv, desc=aggregator.name, save=save, callbacks=callbacks
+    )
     fit: FitResult = trainer.fit(
         TensorLoader.of(train, batch_size, shuffle=True, seed=cfg.seed, device=device),
         TensorLoader.of(val, batch_size, device=device),

@@ -9,17 +9,23 @@ and exit with status 2 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import sys
 import types
 import typing
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict, load_yaml
 from .errors import ConfigError, DDCNNError
+
+if typing.TYPE_CHECKING:
+    from .train.callbacks import Callback
 
 log = logging.getLogger("ddcnn")
 T = TypeVar("T")
@@ -126,9 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = resolve_run_config(args, load_yaml(args.config) if args.config else None)
     with distributed_session(cfg.train.device, cfg.train.dist_timeout) as dist:  # one process, or torchrun's
-        if dist.is_primary:
-            _log_to_file(Path(cfg.out) / "train.log")
-        result = run(cfg, dist)
+        with _run_folder(Path(cfg.out), dist.is_primary, "train.log"):
+            result = run(cfg, dist, callbacks=args.callbacks)
     if dist.is_primary:
         print(f"{result.method} {result.grid}: test {result.test.summary()} ({result.train_seconds:.1f} s training)")
     return 0
@@ -140,9 +145,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cc = resolve_config(CompareConfig, args, load_yaml(args.config) if args.config else None, COMPARE_SKIP)
     with distributed_session(cc.train.device, cc.train.dist_timeout) as dist:
-        if dist.is_primary:
-            _log_to_file(Path(cc.out) / "compare.log")
-        result = compare(cc, dist=dist)
+        with _run_folder(Path(cc.out), dist.is_primary, "compare.log"):
+            result = compare(cc, dist=dist, callbacks=args.callbacks)
     if dist.is_primary:
         print(result.markdown)
     return 0
@@ -243,19 +247,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_to_file(path: Path) -> None:
-    from .train.checkpoint import ensure_writable_folder
+@contextlib.contextmanager
+def _run_folder(folder: Path, primary: bool, log_name: str) -> Iterator[None]:
+    """On the primary process: hold the run folder (one run at a time, :mod:`ddcnn.run_folder`) and log to
+    ``log_name`` in it; elsewhere, nothing."""
+    if not primary:
+        yield
+        return
+    from .run_folder import run_folder_lock
 
-    ensure_writable_folder(path.parent)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
+    with run_folder_lock(folder):
+        handler = logging.FileHandler(folder / log_name)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """The command line; ``callbacks`` (:mod:`ddcnn.train.callbacks`) receive the training events of ``train``
+    and ``compare``, for a script that adds a logger to the CLI: ``main(sys.argv[1:], callbacks=[MyLogger()])``."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    args.callbacks = tuple(callbacks)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.raiseExceptions = args.debug  # a log line that cannot be written (a full disk) is no traceback
     try:
         return args.func(args)
     except DDCNNError as e:
@@ -265,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"ddcnn: error: {e}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, TrainingInterrupted) else 2
+    except OSError as e:
+        if args.debug or e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        print(f"ddcnn: error: {e.filename or 'a file'}: the disk is full ({e.strerror}); free space and run "
+              "again (with --resume to continue from the last checkpoint)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

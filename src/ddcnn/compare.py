@@ -12,6 +12,7 @@ one row per subdomain), ``results.md`` (the tables), ``accuracy.png``, ``curves_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +50,8 @@ from .methods import (
 )
 from .models.aggregators import list_aggregators
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
+from .run_folder import config_conflicts, run_folder_lock
+from .train.callbacks import Callback
 from .train.checkpoint import atomic_write_text, ensure_writable_folder
 from .train.engine import format_bytes
 
@@ -150,12 +153,46 @@ def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
     ]
 
 
-def compare(cc: CompareConfig, data: DatasetSplits | None = None, dist: DistContext | None = None) -> CompareResult:
+def compare(
+    cc: CompareConfig, data: DatasetSplits | None = None, dist: DistContext | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> CompareResult:
     """Run the comparison (see the module docstring) and write its results; returns the rows and the table. In a
-    distributed run (``dist``) every process calls this, each phase is distributed, and rank 0 writes."""
+    distributed run (``dist``) every process calls this, each phase is distributed, and rank 0 writes.
+    ``callbacks`` receive every phase's training events (:mod:`ddcnn.train.callbacks`). The folder ``cc.out`` is
+    this comparison's alone while it runs; with ``cc.resume`` a changed configuration is refused, except for more
+    grids, seeds or methods (:mod:`ddcnn.run_folder`)."""
+    dist = dist or DistContext()
+    with run_folder_lock(cc.out) if dist.is_primary else contextlib.nullcontext():
+        if cc.resume:
+            check_compare_resume(cc)
+        return _compare(cc, data, dist, callbacks)
+
+
+def check_compare_resume(cc: CompareConfig) -> None:
+    """Refuse ``cc.resume`` where the comparison in ``cc.out`` was run with another configuration."""
+    path = Path(cc.out) / "results.json"
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} cannot be read, so --resume cannot check it continues the same comparison; "
+                          "remove it (the finished phases' checkpoints stay) or compare into another --out") from None
+    conflicts = config_conflicts(recorded, config_to_dict(cc), ignored={"grids", "seeds", "methods"})
+    if conflicts:
+        raise ConfigError(
+            f"--resume of the comparison in {cc.out} with a changed configuration ({', '.join(conflicts)}); run "
+            "again with the options it was started with (only grids, seeds and methods may change), or compare "
+            "into another --out"
+        )
+
+
+def _compare(
+    cc: CompareConfig, data: DatasetSplits | None, dist: DistContext, callbacks: Sequence[Callback]
+) -> CompareResult:
     out = Path(cc.out)
     ensure_writable_folder(out)
-    dist = dist or DistContext()
     if data is None:
         with primary_first(dist):
             data = load_dataset(cc.data)
@@ -170,7 +207,8 @@ def compare(cc: CompareConfig, data: DatasetSplits | None = None, dist: DistCont
     def phase(grid: str, seed: int, name: str, epochs: int, pretrained: bool = False) -> Experiment:
         folder = out / grid / f"seed{seed}"
         log.info("== seed %d, grid %s: %s ==", seed, grid, name)
-        return Experiment.from_config(_run_config(cc, grid, seed, folder, epochs, pretrained), data=data, dist=dist)
+        cfg = _run_config(cc, grid, seed, folder, epochs, pretrained)
+        return Experiment.from_config(cfg, data=data, dist=dist, callbacks=callbacks)
 
     def record(results: Sequence[MethodResult], seed: int) -> None:
         for result in results:

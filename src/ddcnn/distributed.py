@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -472,16 +473,30 @@ class Parallel:
 
 
 def _collective(rank: int, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a ``torch.distributed`` collective; a failure (another process died, or hung past the timeout) becomes a
-    :class:`DistributedError` that says so."""
+    """Run a ``torch.distributed`` collective; a failure becomes a :class:`DistributedError` of one line that says
+    what to do.
+
+    A process that dies (or a node that is lost) closes its connections, and gloo fails the collective on the others
+    at once ("Connection closed by peer"); one that hangs makes them fail after the process group's timeout
+    (``--dist-timeout``). ``tests/test_multinode.py`` kills a node in the middle of a run and checks this.
+    """
     try:
         return operation(*args, **kwargs)
     except RuntimeError as e:
         raise DistributedError(
-            f"rank {rank}: {operation.__name__} with the other processes failed ({str(e).splitlines()[0][:200]}); "
-            "another process probably died or hung (see its log); the job ends, run it again with --resume to "
-            "continue from the last checkpoint"
+            f"rank {rank} lost contact with the other processes in {operation.__name__} ({_gist(e)}): "
+            "another process probably died or hung (see its log, or torchrun's on its node); the job ends, "
+            "run it again with --resume to continue from the last checkpoint"
         ) from e
+
+
+def _gist(error: BaseException, limit: int = 160) -> str:
+    """A backend's error in a few words, for a one-line message: its first line without the ``[file.cc:123]``
+    prefix of gloo's messages, up to the end of its first sentence, at most ``limit`` characters."""
+    lines = str(error).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0].strip() if lines else "").split(". ")[0].rstrip(".")
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _SubdomainGather(torch.autograd.Function):

@@ -67,3 +67,11 @@ class ChecksumError(DatasetError):
 
 class DistributedError(DDCNNError):
     """A distributed run cannot start, or a process lost contact with the others (one died or hung)."""
+
+
+class CacheNotWritableError(DDCNNError):
+    """The cache folder (``--cache-dir``) cannot be created or written to."""
+
+
+class DiskFullError(DDCNNError):
+    """The disk or quota holding a folder ddcnn writes to is full (ENOSPC, EDQUOT)."""

@@ -19,6 +19,7 @@ or, without it, train the local phase in the run folder first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -49,7 +50,9 @@ from .models import LocalCNNs
 from .models.aggregators import Aggregator, WeightedAggregator, aggregator_options, create_aggregator
 from .models.cnn_dnn import CNNDNN, load_pretrained_aggregator, load_pretrained_local_cnns
 from .plots import plot_confusion, plot_curves
-from .train.checkpoint import check_metadata, ensure_writable_folder, load_checkpoint, save_checkpoint
+from .run_folder import check_resume, run_folder_lock, write_config, write_results
+from .train.callbacks import Callback
+from .train.checkpoint import atomic_write_text, check_metadata, ensure_writable_folder, load_checkpoint, save_checkpoint
 from .train.engine import (
     EpochEnd,
     EvalResult,
@@ -76,11 +79,13 @@ class Experiment:
     device: torch.device
     run_dir: Path
     dist: DistContext = field(default_factory=DistContext)
+    callbacks: Sequence[Callback] = ()  # the events of every phase's training (ddcnn.train.callbacks)
     _parallel: dict[int, Parallel] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_config(
-        cls, cfg: RunConfig, data: DatasetSplits | None = None, dist: DistContext | None = None
+        cls, cfg: RunConfig, data: DatasetSplits | None = None, dist: DistContext | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> Experiment:
         """Set up ``cfg``'s device (``dist``'s, in a distributed run) and run folder; load its dataset unless
         ``data`` (already loaded) is given."""
@@ -91,7 +96,7 @@ class Experiment:
         if data is None:
             with primary_first(dist):  # the other processes read what rank 0 decoded into the cache
                 data = load_dataset(cfg.data)
-        return cls(cfg, data, dist.device, run_dir, dist)
+        return cls(cfg, data, dist.device, run_dir, dist, tuple(callbacks))
 
     def parallel(self, decomposition: Decomposition) -> Parallel:
         """How the local CNNs of ``decomposition`` are spread over this run's processes (``cfg.train.parallel``)."""
@@ -239,12 +244,13 @@ def _fit(
     log.info("%s: %s parameters, %d epochs", name, f"{count_parameters(model):,}", epochs)
     if exp.dist.distributed:
         log.info("%s: %s", name, parallel)
+    checkpoint = exp.run_dir / f"{name}.pt"
     trainer = Trainer(
         model,
         exp.cfg.train,
         exp.device,
         epochs,
-        checkpoint=exp.run_dir / f"{name}.pt",
+        checkpoint=checkpoint,
         log_csv=exp.run_dir / f"{name}_log.csv",
         meta=meta,
         config=config_to_dict(exp.cfg),
@@ -252,6 +258,8 @@ def _fit(
         save=exp.dist.is_primary,
         parallel=parallel,
         epoch_end=epoch_end,
+        callbacks=exp.callbacks,
+        check_resumed=lambda state: check_resume(state.get("config"), exp.cfg, name, checkpoint),
     )
     return trainer.fit(exp.loader("train", train=True, parallel=parallel), exp.loader("val"), resume=exp.cfg.resume)
 
@@ -459,6 +467,7 @@ def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None)
         if exp.cfg.resume and checkpoint_finished(path):
             aggregator = build_aggregator(exp, name, decomposition)
             state = load_checkpoint(path, map_location=exp.device)
+            check_resume(state.get("config"), exp.cfg, name, path)
             load_pretrained_aggregator(state, aggregator, str(path))
             fit = AggregatorFit(state["history"], float(state["train_seconds"]), float(state["images_per_second"]))
             log.info("%s: finished in %s, not fitted again", name, path)
@@ -500,6 +509,7 @@ def _fit_aggregator(exp: Experiment, name: str, inputs: _LocalInputs) -> tuple[A
         batch_size=exp.cfg.data.batch_size,
         log_csv=exp.run_dir / f"{aggregator.name}_log.csv" if aggregator.trainable else None,
         save=exp.dist.is_primary,
+        callbacks=exp.callbacks,
     )
     fit.seconds += train_seconds if aggregator.trainable else val_seconds if aggregator.fitted else 0.0
     return aggregator, fit
@@ -625,38 +635,49 @@ def list_methods() -> list[str]:
     return list(METHODS)
 
 
-def run(cfg: RunConfig, dist: DistContext | None = None) -> MethodResult:
+def run(cfg: RunConfig, dist: DistContext | None = None, callbacks: Sequence[Callback] = ()) -> MethodResult:
     """Train ``cfg.method`` and write config, results, confusion matrix and curves to ``cfg.out``; in a
-    distributed run (``dist``), every process calls this and rank 0 writes."""
+    distributed run (``dist``), every process calls this and rank 0 writes. ``callbacks``: see
+    :mod:`ddcnn.train.callbacks`. The run folder is this run's alone while it runs, and ``cfg.resume`` refuses a
+    configuration that differs from the checkpoints' (:mod:`ddcnn.run_folder`)."""
     if cfg.method not in METHODS:
         raise UnknownNameError("method", cfg.method, METHODS)
-    exp = Experiment.from_config(cfg, dist=dist)
-    if exp.dist.is_primary:
-        write_config(cfg, exp.run_dir)
-    result = METHODS[cfg.method](exp)
-    if exp.dist.is_primary:
-        write_result(exp, result)
+    primary = dist is None or dist.is_primary
+    with run_folder_lock(cfg.out) if primary else contextlib.nullcontext():
+        if cfg.resume:
+            check_resume_folder(cfg)
+        exp = Experiment.from_config(cfg, dist=dist, callbacks=callbacks)
+        if exp.dist.is_primary:
+            write_config(cfg, exp.run_dir)
+        result = METHODS[cfg.method](exp)
+        if exp.dist.is_primary:
+            write_result(exp, result)
     return result
 
 
-def write_config(cfg: RunConfig, run_dir: Path) -> Path:
-    import yaml
+def _phases_resumed(cfg: RunConfig) -> list[str]:
+    """The phases whose checkpoints in the run folder ``cfg.method`` resumes (or loads, when finished)."""
+    own = cfg.model.aggregator if cfg.method == "cnn_dnn" else cfg.method
+    builds_on_local = cfg.method in ("cnn_dnn", "transfer") and not cfg.pretrained
+    return [own, "local"] if builds_on_local else [own]
 
-    path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return path
+
+def check_resume_folder(cfg: RunConfig) -> None:
+    """Before anything is written: refuse ``cfg.resume`` if a checkpoint it would continue was trained with a
+    configuration that differs from ``cfg`` (see :func:`ddcnn.run_folder.check_resume`)."""
+    for phase in _phases_resumed(cfg):
+        path = Path(cfg.out) / f"{phase}.pt"
+        if path.is_file():
+            check_resume(load_checkpoint(path).get("config"), cfg, phase, path)
 
 
 def write_result(exp: Experiment, result: MethodResult) -> None:
-    """``results.json``, the confusion matrix PNG and the training curves PNG of one method."""
+    """The method's row in ``results.json`` (kept with the rows of the folder's other phases), its confusion
+    matrix PNG and its training curves PNG."""
     run_dir = exp.run_dir
-    payload = {
-        "config": config_to_dict(exp.cfg),
-        "dataset": {"name": exp.data.name, "classes": exp.data.class_names, "image_shape": list(exp.data.image_shape)},
-        "rows": [result.row(per_class_accuracy=result.test.per_class_accuracy, confusion=result.test.confusion)],
-        "history": result.history,
-    }
-    (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    dataset = {"name": exp.data.name, "classes": exp.data.class_names, "image_shape": list(exp.data.image_shape)}
+    row = result.row(per_class_accuracy=result.test.per_class_accuracy, confusion=result.test.confusion)
+    write_results(run_dir, row, config_to_dict(exp.cfg), result.history, dataset)
     title = f"{result.method} {result.grid}: test accuracy {result.test.accuracy:.4f}"
     plot_confusion(result.test.confusion, exp.data.class_names, run_dir / f"confusion_{result.method}.png", title)
     if result.history:
@@ -693,7 +714,7 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint on ``split`` of its own dataset (or ``dataset``); writes JSON and a confusion PNG
     next to the checkpoint and returns the report as a dict."""
     path = Path(path)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, require=("meta", "config"))
     cfg = config_from_dict(RunConfig, state["config"])
     if dataset:
         cfg.data.dataset = dataset
@@ -727,7 +748,7 @@ def evaluate_checkpoint(
     if result.subdomain_accuracy is not None and len(result.subdomain_accuracy) > 1:
         out["subdomain_accuracy"] = result.subdomain_accuracy
     stem = f"evaluation_{path.stem}_{split}"
-    (path.parent / f"{stem}.json").write_text(json.dumps(out, indent=2))
+    atomic_write_text(path.parent / f"{stem}.json", json.dumps(out, indent=2))
     title = f"{out['method']} {out['grid']} on {split}: accuracy {report.accuracy:.4f}"
     plot_confusion(report.confusion, exp.data.class_names, path.parent / f"{stem}_confusion.png", title)
     return out

@@ -13,6 +13,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import grid_order  # noqa: E402
+from .train.checkpoint import atomic_file  # noqa: E402
+
+
+def _save(fig: Any, path: Path, **options: Any) -> None:
+    """Write ``fig`` as a PNG atomically (a full disk leaves the previous plot, never a 0-byte one) and close it."""
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", **options)
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str) -> Path:
@@ -31,8 +41,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -54,8 +63,7 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path, title: s
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -81,8 +89,7 @@ def plot_method_accuracy(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="grid", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -110,8 +117,7 @@ def plot_subdomain_heatmaps(
         ax.set_title(label, fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), fraction=0.046)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, bbox_inches="tight")
     return path
 
 

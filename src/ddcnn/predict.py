@@ -25,8 +25,11 @@ from .decomposition import Decomposition
 from .errors import CheckpointError, DatasetError
 from .methods import model_from_checkpoint
 from .models.cnn_dnn import CNNDNN
-from .train.checkpoint import load_checkpoint
+from .train.checkpoint import load_checkpoint, require_keys
 from .train.engine import resolve_device
+
+# what predict reads from a checkpoint's meta (model_from_checkpoint reads further keys, checked as it rebuilds)
+_META_KEYS = ("class_names", "image_shape", "in_channels", "mean", "std", "grid", "overlap")
 
 
 @dataclass
@@ -54,11 +57,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a .pt file or a run folder holding one")
-    results = path / "results.json"
-    if results.is_file():
-        methods = {row["method"] for row in json.loads(results.read_text()).get("rows", [])}
-        if len(methods) == 1 and (candidate := path / f"{methods.pop()}.pt").is_file():
-            return candidate
+    method = _results_method(path / "results.json")
+    if method is not None and (candidate := path / f"{method}.pt").is_file():
+        return candidate
     checkpoints = sorted(p.name for p in path.glob("*.pt"))
     if len(checkpoints) == 1:
         return path / checkpoints[0]
@@ -67,9 +68,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} holds several checkpoints ({', '.join(checkpoints)}); pass one of them")
 
 
+def _results_method(results: Path) -> str | None:
+    """The one method a run folder's ``results.json`` names; None if it names several, or is missing or unreadable
+    (it only helps choose among the folder's checkpoints)."""
+    try:
+        methods = {row["method"] for row in json.loads(results.read_text()).get("rows", [])}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    return methods.pop() if len(methods) == 1 else None
+
+
 def read_image(path: str | Path, in_channels: int, image_shape: tuple[int, ...]) -> np.ndarray:
     """One file as uint8 ``(C, *image_shape)``, converted as the training data was (see the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a folder; pass the image files in it (.png, .jpg, ...) or .npy arrays")
     if not path.is_file():
         raise DatasetError(f"{path} does not exist; pass image files (.png, .jpg, ...) or .npy arrays")
     if path.suffix.lower() == ".npy":
@@ -99,13 +112,16 @@ def _read_array(path: Path, in_channels: int, image_shape: tuple[int, ...]) -> n
 
 def predict(checkpoint: str | Path, images: list[str | Path], device: str = "auto") -> list[Prediction]:
     """The class (and probability) of each image by the model of ``checkpoint``, and each subdomain's vote."""
+    if not images:
+        raise DatasetError("no images given; pass image files (.png, .jpg, ...) or .npy arrays")
     path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, require=("meta",))
     meta = state["meta"]
+    require_keys(meta if isinstance(meta, dict) else {}, f"{path} (its meta)", _META_KEYS)
     class_names, image_shape = list(meta["class_names"]), tuple(meta["image_shape"])
     pixels = np.stack([read_image(p, meta["in_channels"], image_shape) for p in images])
     torch_device = resolve_device(device)
-    model = model_from_checkpoint(state).to(torch_device).eval()
+    model = _rebuild_model(state, path).to(torch_device).eval()
     loader = make_loader(
         ImageSet(torch.from_numpy(pixels), torch.zeros(len(pixels), dtype=torch.int64)),
         batch_size=64, train=False, cfg=DataConfig(), mean=meta["mean"], std=meta["std"], device=torch_device,
@@ -136,6 +152,18 @@ def predict(checkpoint: str | Path, images: list[str | Path], device: str = "aut
         )
         for i, image in enumerate(images)
     ]
+
+
+def _rebuild_model(state: dict, path: Path) -> torch.nn.Module:
+    """The checkpoint's model; :class:`CheckpointError` if its meta and weights do not make one."""
+    try:
+        return model_from_checkpoint(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not describe a model ddcnn can rebuild ({reason}); pass a .pt file written by "
+            "ddcnn train"
+        ) from None
 
 
 def format_predictions(predictions: list[Prediction]) -> str:

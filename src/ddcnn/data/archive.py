@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import tarfile
 import tempfile
 import urllib.error
@@ -21,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from ..errors import ChecksumError, DatasetError, UnsafeArchiveError
-from .cache import atomic_dir, cache_root, file_stamp, fingerprint
+from .cache import atomic_dir, cache_root, file_stamp, fingerprint, verified_entry
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def archive_stem(path: Path) -> str:
 
 def safe_extract(archive_path: str | Path, dest: str | Path) -> None:
     """Extract an archive into ``dest``, refusing it (:class:`UnsafeArchiveError`, nothing written) if any member
-    has an absolute path or a ``..`` component, is a link whose target leaves ``dest`` or lies below a link, or is
-    a device file or FIFO. Tar archives are also extracted through tarfile's ``data`` filter."""
+    has an absolute path or a ``..`` component, is a link whose target leaves ``dest`` or lies below a link, is a
+    symbolic link to a folder containing it (``train/up -> ..``: a loop), or is a device file or FIFO; and
+    (:class:`DatasetError`) if a hard link does not point to a regular file stored before it. Tar archives are also
+    extracted through tarfile's ``data`` filter."""
     archive_path, dest = Path(archive_path), Path(dest)
     name = archive_path.name.lower()
     if name.endswith(".zip"):
@@ -59,7 +62,7 @@ def extract_cached(archive_path: Path, cache_dir: str | None) -> Path:
     """The folder ``archive_path`` was extracted to in the cache, extracting it (safely, once) if needed."""
     key = fingerprint(str(archive_path.resolve()), file_stamp(archive_path))
     final = cache_root(cache_dir) / "extracted" / f"{archive_stem(archive_path)}-{key}"
-    if not final.is_dir():
+    if not verified_entry(final):
         logger.info("extracting %s to %s", archive_path, final)
         with atomic_dir(final) as tmp:
             safe_extract(archive_path, tmp)
@@ -137,6 +140,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
     with open_tar(archive) as tar:
         members = tar.getmembers()
         links = {_member_path(archive, m.name) for m in members if m.issym() or m.islnk()}
+        files: set[PurePosixPath] = set()  # the regular files stored so far: what a hard link may point to
         for member in members:
             path = _member_path(archive, member.name)
             if any(parent in links for parent in path.parents):
@@ -145,25 +149,49 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                     "outside the target folder; refusing to extract this archive"
                 )
             if member.issym() or member.islnk():
-                target = PurePosixPath(member.linkname)
-                # a symlink's target is relative to its own folder, a hardlink's to the archive root
-                relative_to = path.parent if member.issym() else PurePosixPath()
-                if target.is_absolute() or not _stays_inside(relative_to / target):
-                    raise UnsafeArchiveError(
-                        f"{archive}: link {member.name!r} points to {member.linkname!r}, "
-                        "outside the target folder; refusing to extract this archive"
-                    )
+                _check_link(archive, member, path, files)
             elif not (member.isfile() or member.isdir()):
                 raise UnsafeArchiveError(
                     f"{archive}: member {member.name!r} is a device file or FIFO; refusing to extract this archive"
                 )
+            if member.isfile() or member.islnk():
+                files.add(_normalized(path))
         dest.mkdir(parents=True, exist_ok=True)
         try:
             tar.extractall(dest, members=members, filter="data")
         except tarfile.FilterError as e:
             raise UnsafeArchiveError(f"{archive}: {e}; refusing to extract this archive") from None
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, KeyError) as e:
             raise DatasetError(f"{archive} cannot be extracted ({e}); the archive is damaged, replace it") from None
+
+
+def _normalized(path: PurePosixPath) -> PurePosixPath:
+    """``path`` with ``.`` and ``..`` resolved lexically (``PurePosixPath(".")`` for the archive root)."""
+    return PurePosixPath(posixpath.normpath(path))
+
+
+def _check_link(archive: Path, member: tarfile.TarInfo, path: PurePosixPath, files: set[PurePosixPath]) -> None:
+    """Refuse a link member that leaves the target folder, a symbolic link to a folder that contains it (which
+    makes the extracted tree infinitely deep), and a hard link to anything but a regular file stored before it."""
+    target = PurePosixPath(member.linkname)
+    # a symlink's target is relative to its own folder, a hardlink's to the archive root
+    relative_to = path.parent if member.issym() else PurePosixPath()
+    if target.is_absolute() or not _stays_inside(relative_to / target):
+        raise UnsafeArchiveError(
+            f"{archive}: link {member.name!r} points to {member.linkname!r}, "
+            "outside the target folder; refusing to extract this archive"
+        )
+    resolved = _normalized(relative_to / target)
+    if member.issym() and (resolved == _normalized(path) or resolved in _normalized(path).parents):
+        raise UnsafeArchiveError(
+            f"{archive}: symbolic link {member.name!r} points to {member.linkname!r}, itself or a folder that "
+            "contains it, which makes the tree loop; refusing to extract this archive"
+        )
+    if member.islnk() and resolved not in files:
+        raise DatasetError(
+            f"{archive}: hard link {member.name!r} points to {member.linkname!r}, which is not a regular file "
+            "stored before it; the archive is damaged, replace it"
+        )
 
 
 def _extract_zip(archive: Path, dest: Path) -> None:

@@ -4,6 +4,10 @@ the cache, and measure the train split's per-channel mean and std.
 A dataset whose uint8 images take more than ``cfg.max_memory_gb`` (10^9 bytes) is streamed: each split is written
 once to ``<cache>/streams/<name>-<key>/<split>_images.npy`` and opened as a read-only ``np.memmap``. Otherwise every
 split is a CPU uint8 tensor.
+
+Whatever module read it, a dataset is checked before anything is carved or copied: at least two classes, every split
+of it non-empty and of one image shape, labels in ``0..K-1``. A class left without training images by the carving is
+named in a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError, DatasetError
-from .cache import atomic_dir, cache_root, fingerprint, save_rows
+from .cache import atomic_dir, cache_root, fingerprint, save_rows, verified_entry
 from .dataset import DatasetSplits, ImageSet, RawDataset
 from .splits import plan_splits
 
@@ -29,12 +33,9 @@ _STATS_CHUNK_VALUES = 2**24  # pixel values summed at a time
 def assemble(raw: RawDataset, cfg: DataConfig) -> DatasetSplits:
     if cfg.max_memory_gb <= 0:
         raise ConfigError(f"max_memory_gb must be positive, got {cfg.max_memory_gb}")
+    _check_raw(raw)
     plan = plan_splits({split: labels for split, (_, labels) in raw.splits.items()}, cfg)
-    if len(plan["train"][1]) == 0:
-        raise DatasetError(
-            f"{raw.name} has no training images left after carving val and test; "
-            "add images or lower val_fraction/test_fraction"
-        )
+    _check_train_classes(raw, raw.splits[plan["train"][0]][1][plan["train"][1]])
     bytes_per_image = {split: int(np.prod(x.shape[1:])) * x.itemsize for split, (x, _) in raw.splits.items()}
     nbytes = sum(bytes_per_image[source] * len(rows) for source, rows in plan.values())
     streaming = nbytes > cfg.max_memory_gb * 1e9
@@ -68,6 +69,52 @@ def assemble(raw: RawDataset, cfg: DataConfig) -> DatasetSplits:
     )
 
 
+def _check_raw(raw: RawDataset) -> None:
+    """:class:`DatasetError` unless ``raw`` has two classes or more, and every split images of the train split's
+    shape, as many labels as images (at least one) and labels in ``0..K-1``."""
+    if len(raw.class_names) < 2:
+        classes = f"only 1 class ({raw.class_names[0]})" if raw.class_names else "no classes"
+        raise DatasetError(f"{raw.name} has {classes}; a classifier needs at least 2, add images of another class")
+    shape = raw.splits["train"][0].shape[1:]
+    for split, (images, labels) in raw.splits.items():
+        if len(images) == 0 or len(images) != len(labels):
+            raise DatasetError(
+                f"{raw.name}: its {split} split holds {len(images)} images and {len(labels)} labels; "
+                "every split needs at least one image and one label per image"
+            )
+        if images.shape[1:] != shape:
+            raise DatasetError(
+                f"{raw.name}: its {split} split holds images of shape {tuple(images.shape[1:])} but train "
+                f"{tuple(shape)}; every split needs one image shape"
+            )
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= len(raw.class_names):
+            raise DatasetError(
+                f"{raw.name}: its {split} split has labels in [{low}, {high}], outside 0..{len(raw.class_names) - 1} "
+                f"for {len(raw.class_names)} classes; fix the labels"
+            )
+
+
+def _check_train_classes(raw: RawDataset, train_labels: np.ndarray) -> None:
+    """:class:`DatasetError` if no training image is left after carving val and test; a warning naming the classes
+    without one (the model cannot learn them, though it trains)."""
+    if len(train_labels) == 0:
+        raise DatasetError(
+            f"{raw.name} has no training images left after carving val and test; "
+            "add images or lower val_fraction/test_fraction"
+        )
+    counts = np.bincount(train_labels, minlength=len(raw.class_names))
+    empty = [raw.class_names[k] for k in np.flatnonzero(counts == 0)]
+    if empty:
+        logger.warning(
+            "%s: %d class(es) (%s) have no training images after carving val and test, so the model cannot learn "
+            "them; add images of them, lower val_fraction/test_fraction or raise limit_train",
+            raw.name,
+            len(empty),
+            ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
+        )
+
+
 def _stream(raw: RawDataset, plan: dict[str, tuple[str, np.ndarray]], cfg: DataConfig) -> dict[str, np.ndarray]:
     """Each split as a read-only memmap: the dataset's own cache file where the split is all of it, else a file of
     its rows written once to the cache (keyed by the content and the rows taken)."""
@@ -82,7 +129,7 @@ def _stream(raw: RawDataset, plan: dict[str, tuple[str, np.ndarray]], cfg: DataC
         digests = {split: hashlib.sha256(rows.tobytes()).hexdigest() for split, (_, rows) in to_write.items()}
         safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw.name)
         entry = cache_root(cfg.cache_dir) / "streams" / f"{safe_name}-{fingerprint(raw.fingerprint, digests)}"
-        if not entry.is_dir():
+        if not verified_entry(entry):
             with atomic_dir(entry) as tmp:
                 for split, (images, rows) in to_write.items():
                     save_rows(tmp / f"{split}_images.npy", images, rows)

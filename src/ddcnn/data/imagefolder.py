@@ -7,6 +7,11 @@ carved from train (see ``splits``). Class names are the sorted class folder name
 files ending in .jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm count; other files and hidden entries
 (``.DS_Store``, ``._x.jpg``) are ignored. ``PATH`` may also be a .tar(.gz), .tgz or .zip of such a tree.
 
+Links. Symbolic links to folders and files are followed, except a link to a folder that contains it (``self -> .``,
+``up -> ..``, or a chain of links back up), which would make the tree infinitely deep: it is skipped with a warning
+naming it. An image file name whose link cannot be followed (it loops, or its target is missing) is an error naming
+it.
+
 Modes. If every image is grayscale (modes 1, L, LA, I;16) the dataset has 1 channel, else every image becomes RGB
 (3 channels). Alpha (LA, RGBA, PA, P with transparency) is composited on black, so fully transparent pixels are black
 whatever colour they store; palettes are expanded; 16-bit gray keeps its 8 high bits; CMYK and YCbCr are converted
@@ -38,7 +43,7 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..errors import ConfigError, CorruptImageError, DatasetError, UnsupportedImageModeError
 from .archive import archive_stem, extract_cached, is_archive
-from .cache import atomic_dir, cache_root, fingerprint, save_rows
+from .cache import allocate_npy, atomic_dir, cache_root, fingerprint, save_rows, verified_entry
 from .dataset import RawDataset
 from .splits import SPLITS
 
@@ -82,13 +87,14 @@ def load_tree(root: Path, cfg: DataConfig, name: str) -> RawDataset:
     """Read the image tree at ``root`` (decoding it into the cache the first time)."""
     if cfg.image_size is not None and cfg.image_size < 1:
         raise ConfigError(f"image_size must be a positive number of pixels (or unset), got {cfg.image_size}")
-    root = _descend_single_folder(root.resolve())
-    files, class_names = _scan_tree(root)
+    tree = _Tree(root.resolve())
+    root = _descend_single_folder(tree)
+    files, class_names = _scan_tree(root, tree)
     prefix = len(str(root)) + 1
     listing = [(f.split, f.path[prefix:], f.label, *f.stamp) for f in files]
     key = fingerprint(_DECODING_VERSION, str(root), cfg.image_size, listing)
     entry = cache_root(cfg.cache_dir) / "imagefolder" / f"{name.partition(':')[2] or name}-{key}"
-    if not (entry / "meta.json").is_file():
+    if not verified_entry(entry):
         _decode_to_cache(files, class_names, cfg.image_size, entry)
     meta = json.loads((entry / "meta.json").read_text())
     splits = {
@@ -100,42 +106,92 @@ def load_tree(root: Path, cfg: DataConfig, name: str) -> RawDataset:
 
 def _visible(folder: Path | str) -> list[os.DirEntry]:
     """The entries of ``folder`` that are not hidden (``.DS_Store``, ``._x.jpg``), sorted by name."""
-    with os.scandir(folder) as entries:
-        return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+        raise DatasetError(f"folder {folder} cannot be read ({e.strerror}); check its permissions") from None
 
 
-def _is_image(entry: os.DirEntry) -> bool:
-    return os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file()
+def _has_image_suffix(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _descend_single_folder(root: Path) -> Path:
+class _Tree:
+    """The folders of one image tree below ``root``, each listed once, walked without looping (see the module
+    docstring, "Links")."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._listings: dict[str, list[tuple[os.DirEntry, bool]]] = {}
+
+    def entries(self, folder: Path | str) -> list[tuple[os.DirEntry, bool]]:
+        """``(entry, is_folder)`` for the visible sub-folders and image files of ``folder``, sorted by name."""
+        key = str(folder)
+        if key not in self._listings:
+            above = self._folders_above(key)
+            kinds = ((entry, self._kind(entry, above)) for entry in _visible(folder))
+            self._listings[key] = [(entry, kind == "folder") for entry, kind in kinds if kind is not None]
+        return self._listings[key]
+
+    def folders(self, folder: Path | str) -> list[Path]:
+        return [Path(entry.path) for entry, is_folder in self.entries(folder) if is_folder]
+
+    def image_files(self, folder: Path | str) -> list[tuple[str, tuple[int, int]]]:
+        """``(path, (size, mtime))`` of the image files below ``folder``, recursively, in sorted order."""
+        found = []
+        for entry, is_folder in self.entries(folder):
+            if is_folder:
+                found += self.image_files(entry.path)
+            else:
+                stat = entry.stat()
+                found.append((entry.path, (stat.st_size, stat.st_mtime_ns)))
+        return found
+
+    def _folders_above(self, folder: str) -> set[str]:
+        """The real paths of ``folder`` and of the folders between it and the root: where a link must not lead."""
+        parts = Path(folder).relative_to(self.root).parts
+        return {os.path.realpath(self.root.joinpath(*parts[:depth])) for depth in range(len(parts) + 1)}
+
+    @staticmethod
+    def _kind(entry: os.DirEntry, above: set[str]) -> str | None:
+        """``"folder"``, ``"image"``, or None for an entry to skip."""
+        if entry.is_symlink():
+            try:
+                os.stat(entry.path)
+            except OSError as e:
+                if _has_image_suffix(entry.name):
+                    raise DatasetError(
+                        f"{entry.path} is a symbolic link to {os.readlink(entry.path)} that cannot be followed "
+                        f"({e.strerror}); fix or remove the link"
+                    ) from None
+                logger.warning("skipping %s: a symbolic link that cannot be followed (%s)", entry.path, e.strerror)
+                return None
+        if entry.is_dir():
+            if os.path.realpath(entry.path) in above:
+                logger.warning(
+                    "skipping %s: a link to %s, a folder that contains it, so the tree would loop",
+                    entry.path,
+                    os.path.realpath(entry.path),
+                )
+                return None
+            return "folder"
+        return "image" if _has_image_suffix(entry.name) and entry.is_file() else None
+
+
+def _descend_single_folder(tree: _Tree) -> Path:
+    root = tree.root
     while True:
-        entries = _visible(root)
-        folders = [e for e in entries if e.is_dir()]
-        if len(folders) != 1 or any(map(_is_image, entries)) or folders[0].name.lower() in SPLIT_FOLDERS:
+        entries = tree.entries(root)
+        folders = [entry for entry, is_folder in entries if is_folder]
+        if len(folders) != 1 or len(entries) > 1 or folders[0].name.lower() in SPLIT_FOLDERS:
             return root
         root = Path(folders[0].path)
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible(folder) if e.is_dir()]
-
-
-def _image_files(folder: str) -> list[tuple[str, tuple[int, int]]]:
-    """``(path, (size, mtime))`` of the image files below ``folder``, recursively, in sorted order."""
-    found = []
-    for entry in _visible(folder):
-        if entry.is_dir():
-            found += _image_files(entry.path)
-        elif _is_image(entry):
-            stat = entry.stat()
-            found.append((entry.path, (stat.st_size, stat.st_mtime_ns)))
-    return found
-
-
-def _split_folders(root: Path) -> dict[str, Path]:
+def _split_folders(root: Path, tree: _Tree) -> dict[str, Path]:
     """``{split: folder}``; a root without split folders is one ``train`` split."""
-    folders = _subfolders(root)
+    folders = tree.folders(root)
     splits = [f for f in folders if f.name.lower() in SPLIT_FOLDERS]
     if not splits:
         return {"train": root}
@@ -161,14 +217,14 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return {split: by_split[split] for split in SPLITS if split in by_split}
 
 
-def _scan_tree(root: Path) -> tuple[list[_ImageFile], list[str]]:
+def _scan_tree(root: Path, tree: _Tree) -> tuple[list[_ImageFile], list[str]]:
     """Every image file, split by split (train first) and class by class; and the class names."""
     classes_per_split = {}
-    for split, folder in _split_folders(root).items():
-        class_folders = _subfolders(folder)
+    for split, folder in _split_folders(root, tree).items():
+        class_folders = tree.folders(folder)
         if not class_folders:
             raise DatasetError(f"{folder} holds no class folders; expected {folder}/<class>/<image>")
-        classes_per_split[split] = {c.name: _image_files(str(c)) for c in class_folders}
+        classes_per_split[split] = {c.name: tree.image_files(c) for c in class_folders}
         for class_folder, images in zip(class_folders, classes_per_split[split].values()):
             if not images:
                 raise DatasetError(
@@ -198,9 +254,7 @@ def _decode_to_cache(files: list[_ImageFile], class_names: list[str], image_size
     counts = {split: sum(f.split == split for f in files) for split in dict.fromkeys(f.split for f in files)}
     with atomic_dir(entry) as tmp:
         staging = {
-            split: np.lib.format.open_memmap(
-                tmp / f"{split}_staging.npy", mode="w+", dtype=np.uint8, shape=(n, 3, height, width)
-            )
+            split: allocate_npy(tmp / f"{split}_staging.npy", np.uint8, (n, 3, height, width))
             for split, n in counts.items()
         }
 

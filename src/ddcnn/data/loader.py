@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
 from ..errors import ConfigError
+from .cache import reopen_array
 from .dataset import ImageSet
 
 _ORDER_STREAM = 0  # the random stream that orders an epoch; stream 1 + rank augments it
@@ -207,6 +208,7 @@ class _MemmapBatches(Dataset):
     def __init__(self, images: np.ndarray, labels: torch.Tensor):
         self._path = getattr(images, "filename", None)  # None: a plain array, pickled to the workers
         self._images: np.ndarray | None = images
+        self._shape, self._dtype = images.shape, images.dtype
         self._labels = labels
 
     def __getstate__(self) -> dict:
@@ -214,7 +216,7 @@ class _MemmapBatches(Dataset):
 
     def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._images is None:
-            self._images = np.load(self._path, mmap_mode="r")
+            self._images = reopen_array(self._path, self._shape, self._dtype)
         return torch.from_numpy(np.ascontiguousarray(self._images[rows.numpy()])), self._labels[rows]
 
 

@@ -9,10 +9,15 @@ Without ``layout`` the shape decides: ``(n, H, W)`` is 2D gray; ``(n, H, W, C)``
 channels-last; any other 4D shape is a 3D gray volume ``(n, D, H, W)``; 5D is ``(n, D, H, W, C)`` if its last size
 is 1 or 3, else ``(n, C, D, H, W)``. Pass ``layout`` where this guesses wrong.
 
-Labels are ``(n,)`` or ``(n, 1)`` integers in ``0..K-1``; K is ``len(class_names)``, else the largest label + 1.
-Pixels: uint8 as they are; bool as 0/255; other numbers are checked for NaN/inf and scaled by one rule for all
-splits: values within [0, 1] are multiplied by 255, values within [0, 255] kept, both rounded; anything else is an
-error asking to rescale.
+Every split must hold at least one image, all splits the same image shape and the same kind of pixel numbers (all
+bool, all integers or all floats: one scaling rule serves them all), and one label per image.
+
+Labels are ``(n,)`` or ``(n, 1)`` class indices in ``0..K-1``: integers, or floats with whole values. With
+``class_names``, K is its length; without, K is the largest label + 1, and every class ``0..K-1`` must occur in some
+split, so labels such as {0, 100000} are refused (before anything is allocated per class) rather than read as
+100001 classes. Pixels: uint8 as they are; bool as 0/255; other numbers are checked for NaN/inf and scaled by one
+rule for all splits: values within [0, 1] are multiplied by 255, values within [0, 255] kept, both rounded; anything
+else is an error asking to rescale.
 """
 
 from __future__ import annotations
@@ -55,21 +60,21 @@ def load_npz(path: str | None, cfg: DataConfig) -> RawDataset:
     raw = _split_arrays(named, file)
     layout = _layout(named, file)
     class_names = _strings(named["class_names"], "class_names", file) if "class_names" in named else None
-    named_images = pixels_to_uint8(
-        {f"x_{split}": _to_channels_first(x, layout, f"x_{split}", file) for split, (x, _) in raw.items()}, file
-    )
+    if class_names is not None and not class_names:
+        raise DatasetError(f"{file}: class_names is empty; store one name per class or leave it out")
+    channels_first = {split: _to_channels_first(x, layout, f"x_{split}", file) for split, (x, _) in raw.items()}
+    _check_images(channels_first, file)
+    total = sum(len(x) for x in channels_first.values())
+    labels = {
+        split: _labels(y, len(channels_first[split]), f"y_{split}", file, class_names, total)
+        for split, (_, y) in raw.items()
+    }
+    class_names = class_names or _numbered_classes(labels, file)
+    named_images = pixels_to_uint8({f"x_{split}": x for split, x in channels_first.items()}, file)
     images = {split: named_images[f"x_{split}"] for split in raw}
-    labels = {split: _labels(y, len(images[split]), f"y_{split}", file) for split, (_, y) in raw.items()}
-    num_classes = len(class_names) if class_names else max(int(y.max(initial=0)) for y in labels.values()) + 1
-    for split, y in labels.items():
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
-            raise DatasetError(
-                f"{file}: y_{split} has labels in [{y.min()}, {y.max()}], outside 0..{num_classes - 1}"
-                f" for {num_classes} classes; fix the labels or class_names"
-            )
     return RawDataset(
         name=f"npz:{file.stem}",
-        class_names=class_names or [str(k) for k in range(num_classes)],
+        class_names=class_names,
         splits={split: (images[split], labels[split]) for split in raw},
         fingerprint=fingerprint(str(file.resolve()), file_stamp(file)),
         location=str(file),
@@ -168,11 +173,85 @@ def pixels_to_uint8(arrays: Mapping[str, np.ndarray], source: str | Path) -> dic
     return converted
 
 
-def _labels(y: np.ndarray, n: int, name: str, file: Path) -> np.ndarray:
+def _check_images(images: dict[str, np.ndarray], file: Path) -> None:
+    """Every split non-empty, of the train split's image shape ``(C, *spatial)`` and kind of pixel numbers."""
+    train = images["train"]
+    for split, x in images.items():
+        name = f"x_{split}"
+        if len(x) == 0:
+            raise DatasetError(
+                f"{file}: {name} holds no images; store at least one image in it or leave x_{split}, y_{split} out"
+            )
+        if 0 in x.shape:
+            raise DatasetError(
+                f"{file}: {name} holds images of shape {_image_shape(x)}, without pixels; store non-empty images"
+            )
+        if x.shape[1:] != train.shape[1:]:
+            raise DatasetError(
+                f"{file}: {name} holds images of shape {_image_shape(x)} but x_train {_image_shape(train)} "
+                "(channels x size); store every split at one image shape"
+            )
+        if _pixel_kind(x) != _pixel_kind(train):
+            raise DatasetError(
+                f"{file}: {name} is {x.dtype} but x_train {train.dtype}; store every split as the same kind of "
+                "numbers (all uint8, or all floats in [0, 1]) so one scaling rule fits them all"
+            )
+
+
+def _image_shape(x: np.ndarray) -> str:
+    return " x ".join(map(str, x.shape[1:]))
+
+
+def _pixel_kind(x: np.ndarray) -> str:
+    """``bool``, ``integer`` or ``float`` (other dtypes: their own kind, refused by :func:`pixels_to_uint8`)."""
+    return {"b": "bool", "i": "integer", "u": "integer", "f": "float"}.get(x.dtype.kind, x.dtype.kind)
+
+
+def _labels(y: np.ndarray, n: int, name: str, file: Path, class_names: list[str] | None, total: int) -> np.ndarray:
+    """``y`` as int64 class indices ``(n,)``, checked to be whole numbers below ``len(class_names)`` or, without
+    class names, below ``total`` (the images in all splits: a larger label leaves some class without images)."""
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.shape != (n,) or y.dtype.kind not in "iu":
+    if y.ndim != 1:
         raise DatasetError(
-            f"{file}: {name} has shape {y.shape} ({y.dtype}); store {n} integer labels, shape ({n},) or ({n}, 1)"
+            f"{file}: {name} has shape {y.shape}; store one class index per image, shape ({n},) or ({n}, 1) "
+            "(one-hot labels: store their argmax)"
+        )
+    if len(y) != n:
+        raise DatasetError(f"{file}: {name} holds {len(y)} labels for {n} images; store one label per image")
+    if y.dtype.kind not in "biuf":
+        raise DatasetError(f"{file}: {name} is a {y.dtype} array; store integer class indices 0..K-1")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise DatasetError(f"{file}: {name} contains NaN/inf labels; store integer class indices 0..K-1")
+        if (fractional := y[y != np.round(y)]).size:
+            raise DatasetError(
+                f"{file}: {name} holds non-integer labels (e.g. {fractional[0]:g}); store integer class indices 0..K-1"
+            )
+    low, high = int(y.min()), int(y.max())  # whole numbers; n > 0, as empty splits were refused
+    if low < 0:
+        raise DatasetError(f"{file}: {name} holds negative labels (down to {low}); store class indices 0..K-1")
+    if class_names is not None and high >= len(class_names):
+        raise DatasetError(
+            f"{file}: {name} has labels in [{low}, {high}], outside 0..{len(class_names) - 1} for "
+            f"{len(class_names)} classes; fix the labels or class_names"
+        )
+    if class_names is None and high >= total:
+        raise DatasetError(
+            f"{file}: {name} holds label {high}, but the dataset has only {total} images, so most of the classes "
+            f"0..{high} would have none; relabel the classes 0..K-1 (e.g. np.unique(y, return_inverse=True))"
         )
     return y.astype(np.int64)
+
+
+def _numbered_classes(labels: dict[str, np.ndarray], file: Path) -> list[str]:
+    """Names ``"0"``, ``"1"``, ... for classes ``0..K-1`` (K the largest label + 1), if every one has images."""
+    counts = np.bincount(np.concatenate(list(labels.values())))  # labels < the number of images: small
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if missing.size > 5 else "")
+        raise DatasetError(
+            f"{file}: labels run up to {len(counts) - 1} but classes {shown} ({missing.size} of {len(counts)}) have "
+            "no images; relabel the classes 0..K-1 (e.g. np.unique(y, return_inverse=True)) or give class_names"
+        )
+    return [str(k) for k in range(len(counts))]

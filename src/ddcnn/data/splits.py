@@ -4,16 +4,23 @@ A split the dataset lacks is carved from its train split, per class in proportio
 ``cfg.split_seed``: test first (``cfg.test_fraction`` of it), then val (``cfg.val_fraction`` of what remains). For a
 dataset that ships only images and labels this is "test = test_fraction of all, val = val_fraction of the rest".
 ``cfg.limit_train`` finally keeps a stratified subset of the training images; val and test are unaffected.
+
+A positive fraction carves at least one image, also where it rounds to none (0.1 of 4 images); only 0 leaves its split
+empty. A ``limit_train`` below the number of classes is an error; one above the training images available keeps them
+all, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _SEED_STREAMS = {"test": 0, "val": 1, "limit_train": 2}  # an independent random stream per carving step
@@ -50,17 +57,27 @@ def plan_splits(labels: Mapping[str, np.ndarray], cfg: DataConfig) -> dict[str, 
         if split in labels:
             plan[split] = (split, np.arange(len(labels[split])))
             continue
-        taken = stratified_sample(
-            labels["train"][train], round(fraction * len(train)), cfg.split_seed, _SEED_STREAMS[split]
-        )
+        count = max(1, round(fraction * len(train))) if fraction > 0 else 0  # else 0.1 of 4 images: an empty split
+        taken = stratified_sample(labels["train"][train], count, cfg.split_seed, _SEED_STREAMS[split])
         plan[split] = ("train", train[taken])
         train = np.delete(train, taken)
     if cfg.limit_train is not None:
-        train = train[
-            stratified_sample(labels["train"][train], cfg.limit_train, cfg.split_seed, _SEED_STREAMS["limit_train"])
-        ]
+        train = train[_limit_train(labels["train"][train], cfg)]
     plan["train"] = ("train", train)
     return {split: plan[split] for split in SPLITS}
+
+
+def _limit_train(labels: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Positions of the ``cfg.limit_train`` training images kept, a stratified sample of ``labels``."""
+    classes = len(np.unique(labels))
+    if cfg.limit_train < classes:
+        raise ConfigError(
+            f"limit_train={cfg.limit_train} is fewer images than the {classes} classes, so some class would have "
+            f"no training image; set limit_train to at least {classes}"
+        )
+    if cfg.limit_train > len(labels):
+        logger.warning("limit_train=%d exceeds the %d training images; using all of them", cfg.limit_train, len(labels))
+    return stratified_sample(labels, cfg.limit_train, cfg.split_seed, _SEED_STREAMS["limit_train"])
 
 
 def _check_split_config(cfg: DataConfig) -> None:

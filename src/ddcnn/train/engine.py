@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,8 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import ConfigError, DDCNNError, TrainingDivergedError
 from ..models.backbone import Backbone
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .callbacks import Callback, CallbackList
+from .checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 if TYPE_CHECKING:
     from ..distributed import Parallel
@@ -280,7 +282,8 @@ class Trainer:
     model's, the checkpoint is the one a single process would write, and checkpoints are written at epoch ends only.
     ``epoch_end(trainer, row)``, if given, is called after every epoch (trained, validated, checkpointed and logged)
     with that epoch's log row; its time is not training time, and returning True ends training after that epoch
-    (in a distributed run every process must return the same).
+    (in a distributed run every process must return the same). ``callbacks`` receive the events of
+    :class:`~ddcnn.train.callbacks.Callback`.
     """
 
     model: nn.Module
@@ -297,6 +300,8 @@ class Trainer:
     parallel: Parallel | None = None
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None
     epoch_end: EpochEnd | None = None
+    callbacks: Sequence[Callback] = ()
+    check_resumed: Callable[[dict[str, Any]], None] | None = None  # called with a checkpoint before resuming it
 
     def __post_init__(self) -> None:
         set_backbone_channels_last(self.model, self.cfg)
@@ -306,6 +311,7 @@ class Trainer:
         self.epoch, self.step = 0, 0  # next epoch to run, steps already done in it
         self._partial: dict[str, Any] = {}
         self.train_seconds = 0.0
+        self._callbacks = CallbackList(self.callbacks)
 
     # checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -340,6 +346,8 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        if self.check_resumed is not None:
+            self.check_resumed(state)
         if self.parallel is not None:
             state = self.parallel.local_state(state, self.model, self.optimizer)
         self.model.load_state_dict(state["model"])
@@ -363,6 +371,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.epochs * steps_per_epoch)
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             self.load_checkpoint(self.checkpoint)
+        self._callbacks.on_fit_start(self)
         with _StopOnSignal() as stop:
             while self.epoch < self.epochs:
                 sent = self._bytes_sent()
@@ -381,10 +390,13 @@ class Trainer:
                 if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.epochs:
                     self.save_checkpoint()
                 self._log_row(row)
-                if self.epoch_end is not None and self.epoch_end(self, row):
+                stop_now = self._callbacks.on_epoch_end(self, row)
+                if (self.epoch_end is not None and self.epoch_end(self, row)) or stop_now:
                     break
         seen = sum(r["images"] for r in self.history)
-        return FitResult(self.history, self.train_seconds, seen / max(self.train_seconds, 1e-9))
+        result = FitResult(self.history, self.train_seconds, seen / max(self.train_seconds, 1e-9))
+        self._callbacks.on_fit_end(self, result)
+        return result
 
     def _train_epoch(self, loader, stop: _StopOnSignal) -> dict[str, Any]:
         model, cfg, device = self.model, self.cfg, self.device
@@ -433,6 +445,7 @@ class Trainer:
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
             self.step = step + 1
+            self._callbacks.on_step_end(self)
             bar.update(1)
             if self.step % 10 == 0 or self.step == len(loader):
                 elapsed = seconds + time.perf_counter() - start
@@ -515,13 +528,11 @@ def format_bytes(n: float) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows (lists joined by spaces) to a CSV file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows (lists joined by spaces) to a CSV file atomically (see :func:`~ddcnn.train.checkpoint.atomic_file`)."""
     flat = [{k: (" ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(flat)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(flat)
+    atomic_write_text(path, text.getvalue())
