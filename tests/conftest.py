@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +74,24 @@ def one_phase_results(run_dir: Path) -> dict:
     results = json.loads((Path(run_dir) / "results.json").read_text())
     ((phase,),) = [list(results["phases"].values())]
     return {"rows": results["rows"], "config": phase["config"], "history": phase["history"]}
+
+
+is_root = getattr(os, "geteuid", lambda: -1)() == 0
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on ``folder`` (created) for the block, unmounted after it; skips the test unless root may
+    mount one."""
+    if not is_root or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    folder.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], check=False, capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)

@@ -31,7 +31,8 @@ from ddcnn.data import cache, imagefolder, load_dataset
 from ddcnn.data.loader import _MemmapBatches
 from ddcnn.errors import CacheNotWritableError, DatasetError, DiskFullError
 
-is_root = getattr(os, "geteuid", lambda: -1)() == 0
+from conftest import is_root, tmpfs
+
 
 
 def no_space(*args, **kwargs):
@@ -85,24 +86,6 @@ def all_images(data) -> torch.Tensor:
     """Every split's images, copied (a streamed split is a memmap of the cache file)."""
     splits = (data.train.images, data.val.images, data.test.images)
     return torch.cat([x.clone() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x)) for x in splits])
-
-
-@contextlib.contextmanager
-def tmpfs(folder: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted on ``folder`` (created) for the block, unmounted after it; skips the test unless root may
-    mount one."""
-    if not is_root or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    folder.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
-    done = subprocess.run(command, check=False, capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        if subprocess.run(["umount", str(folder)], check=False, capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)
 
 
 @pytest.fixture

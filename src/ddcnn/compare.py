@@ -43,6 +43,7 @@ from .methods import (
     Experiment,
     MethodResult,
     aggregation_phase,
+    check_names,
     run_coherent,
     run_global,
     run_local,
@@ -164,6 +165,7 @@ def compare(
     grids, seeds or methods (:mod:`ddcnn.run_folder`)."""
     dist = dist or DistContext()
     with run_folder_lock(cc.out) if dist.is_primary else contextlib.nullcontext():
+        check_names(cc)
         if cc.resume:
             check_compare_resume(cc)
         return _compare(cc, data, dist, callbacks)

@@ -35,7 +35,8 @@ from torch import nn
 
 from .aggregation import AggregatorFit, LocalProbabilities, TensorLoader, fit_aggregator, local_probabilities
 from .config import RunConfig, config_from_dict, config_to_dict, format_grid
-from .data import DatasetSplits, ImageSet, load_dataset, make_loader
+from .data import DatasetSplits, ImageSet, list_datasets, load_dataset, make_loader
+from .data.registry import parse_spec
 from .decomposition import Decomposition
 from .distributed import (
     DistContext,
@@ -47,7 +48,15 @@ from .distributed import (
 )
 from .errors import CheckpointError, ConfigError, UnknownNameError
 from .models import LocalCNNs
-from .models.aggregators import Aggregator, WeightedAggregator, aggregator_options, create_aggregator
+from .models import list_models
+from .models.aggregators import (
+    Aggregator,
+    WeightedAggregator,
+    aggregator_class,
+    aggregator_options,
+    create_aggregator,
+    list_dnn_activations,
+)
 from .models.cnn_dnn import CNNDNN, load_pretrained_aggregator, load_pretrained_local_cnns
 from .plots import plot_confusion, plot_curves
 from .run_folder import check_resume, run_folder_lock, write_config, write_results
@@ -635,6 +644,20 @@ def list_methods() -> list[str]:
     return list(METHODS)
 
 
+def check_names(cfg: RunConfig | Any, aggregators: Sequence[str] = ()) -> None:
+    """Every name ``cfg`` (a RunConfig or CompareConfig) gives is a registered one: dataset, backbone, aggregators
+    and DNN activation, checked before any data loads or model trains."""
+    dataset, _ = parse_spec(cfg.data.dataset)
+    if dataset not in list_datasets():
+        raise UnknownNameError("dataset", dataset, list_datasets())
+    if cfg.model.backbone not in list_models():
+        raise UnknownNameError("backbone", cfg.model.backbone, list_models())
+    for name in (cfg.model.aggregator, *aggregators):
+        aggregator_class(name)
+    if cfg.model.dnn_activation not in list_dnn_activations():
+        raise UnknownNameError("DNN activation", cfg.model.dnn_activation, list_dnn_activations())
+
+
 def run(cfg: RunConfig, dist: DistContext | None = None, callbacks: Sequence[Callback] = ()) -> MethodResult:
     """Train ``cfg.method`` and write config, results, confusion matrix and curves to ``cfg.out``; in a
     distributed run (``dist``), every process calls this and rank 0 writes. ``callbacks``: see
@@ -642,6 +665,7 @@ def run(cfg: RunConfig, dist: DistContext | None = None, callbacks: Sequence[Cal
     configuration that differs from the checkpoints' (:mod:`ddcnn.run_folder`)."""
     if cfg.method not in METHODS:
         raise UnknownNameError("method", cfg.method, METHODS)
+    check_names(cfg)
     primary = dist is None or dist.is_primary
     with run_folder_lock(cfg.out) if primary else contextlib.nullcontext():
         if cfg.resume:

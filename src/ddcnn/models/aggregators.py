@@ -91,6 +91,11 @@ def list_aggregators() -> list[str]:
     return list(_AGGREGATORS)
 
 
+def list_dnn_activations() -> list[str]:
+    """The activations the DNN aggregator takes (``dnn_activation``)."""
+    return list(_ACTIVATIONS)
+
+
 def aggregator_class(name: str) -> type[Aggregator]:
     if name not in _AGGREGATORS:
         raise UnknownNameError("aggregator", name, _AGGREGATORS)
