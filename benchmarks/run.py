@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py --quick          # fewer configurations and rounds (about 4 minutes)
     .venv/bin/python benchmarks/run.py --only batched   # one benchmark (comma-separate several); others are kept
     .venv/bin/python benchmarks/run.py --device cuda    # the GPU version: bf16 autocast, channels-last, batch 512
+    .venv/bin/python benchmarks/run.py --only compile   # --compile's compile time and steps/s (not in the default run)
 
 Results of a CPU run go to ``benchmarks/results.{json,md}``, of a CUDA run to ``benchmarks/results-cuda.{json,md}``.
 With ``--only``, the other benchmarks' earlier results in those files are kept (each carries its own date).
@@ -30,6 +31,7 @@ except ImportError:  # a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 import bench_batched  # noqa: E402
+import bench_compile  # noqa: E402
 import bench_data  # noqa: E402
 import bench_flops  # noqa: E402
 import bench_memory  # noqa: E402
@@ -48,13 +50,15 @@ BENCHMARKS = {
         bench_flops,
         bench_memory,
         bench_optimisations,
+        bench_compile,  # only with --compile or --only compile: compiling takes minutes on CPU
     )
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    names = list(BENCHMARKS) if not args.only else [n.strip() for n in args.only.split(",")]
+    default = [n for n in BENCHMARKS if n != bench_compile.NAME or args.compile]
+    names = default if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
@@ -99,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer configurations and rounds (about 4 minutes on CPU)")
     p.add_argument("--only", default="", help=f"comma-separated benchmarks to run, of: {', '.join(BENCHMARKS)}")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile (compiling takes minutes)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure torch.compile: the compile benchmark and a row of optimisations (minutes)")
     p.add_argument("--out", type=Path, default=HERE, help="folder for results.json and results.md")
     return p
 

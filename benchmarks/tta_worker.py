@@ -7,7 +7,7 @@ ddcnn's library, evaluates the test split after every epoch and writes one recor
 ``SPEC.json`` holds ``config`` (a :class:`ddcnn.config.RunConfig` as a dict), ``target`` (the test accuracy that ends
 training) and ``records`` (where rank 0 writes the output). A ``1x1`` grid trains the global CNN; any other grid
 trains the CNN-DNN: the local phase and, after each of its epochs, the aggregation phase (``model.aggregator``) on
-the local CNNs of that epoch's checkpoint, as :func:`ddcnn.methods.aggregation_phase` runs it after a finished local
+the local CNNs of that epoch's checkpoint, as :func:`ddcnn.phases.aggregation_phase` runs it after a finished local
 phase. The aggregation works on the checkpoint (a snapshot) with the RNG states put back afterwards, so it leaves
 the local training as it would have run without it.
 
@@ -31,8 +31,8 @@ import torch
 
 from ddcnn.config import RunConfig, config_from_dict
 from ddcnn.distributed import distributed_session
-from ddcnn.methods import Experiment, aggregation_phase, count_parameters, train_local_cnns
-from ddcnn.train.checkpoint import rng_state, set_rng_state
+from ddcnn.phases import Experiment, aggregation_phase, count_parameters, train_local_cnns
+from ddcnn.checkpoint import rng_state, set_rng_state
 from ddcnn.train.engine import Trainer, evaluate
 
 

@@ -1,10 +1,16 @@
 """Every bad input a user can give gets one clear line on stderr and a non-zero exit, no traceback."""
 
+import argparse
+import logging
+import re
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from ddcnn.cli import main
+from ddcnn.cli import get_args_parser, main
+from ddcnn.config import GROUPS
 
 
 def _tree(root, classes=("a", "b"), per_class=4, size=16, splits=("train", "test")):
@@ -141,3 +147,102 @@ def test_output_folder_not_writable(tmp_path, capsys):
     argv = _train(tmp_path, "mnist5k", "--limit-train", "40")
     argv[argv.index("--out") + 1] = str(blocker / "run")
     _fails(capsys, argv, "is not writable", "choose another --out")
+
+
+# -- --help: every option explains itself, in groups by what it means ----------------------------------------------
+
+
+def _subparsers():
+    parser = get_args_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def _described(action):
+    return re.sub(r"\(default: [^)]*\)", "", action.help or "").strip()
+
+
+def test_every_option_of_every_command_has_a_description():
+    parser, commands = _subparsers()
+    for name, command in [("ddcnn", parser), *commands.items()]:
+        for action in command._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert len(_described(action)) > 3, f"{name} {action.option_strings or action.dest} has no description"
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_train_and_compare_options_show_description_and_default(command):
+    _, commands = _subparsers()
+    flags = [a for a in commands[command]._actions if a.option_strings and a.dest not in ("help", "config")]
+    assert len(flags) > 50
+    for action in flags:
+        assert "(default: " in action.help, action.option_strings
+        assert len(_described(action)) > 10, action.option_strings
+    text = commands[command].format_help()
+    assert "DataConfig" not in text and "TrainConfig" not in text
+
+
+def _flag_groups(parser):
+    return {a.option_strings[0]: group.title for group in parser._action_groups for a in group._group_actions
+            if a.option_strings}
+
+
+def test_options_are_grouped_by_what_they_mean_to_a_user():
+    _, commands = _subparsers()
+    for command in ("train", "compare"):
+        groups = _flag_groups(commands[command])
+        assert set(groups.values()) == {"options", *GROUPS}
+        for flag in ("--out", "--resume", "--progress", "--checkpoint-every"):
+            assert groups[flag] == "output", flag
+        for flag in ("--parallel", "--dist-timeout"):
+            assert groups[flag] == "distributed", flag
+        for flag in ("--aggregator", "--dnn-hidden", "--dnn-epochs", "--aggregator-inputs", "--crossfit-folds",
+                     "--augmented-passes", "--transfer-aggregator"):
+            assert groups[flag] == "aggregation", flag
+        assert groups["--dataset"] == "data" and groups["--lr"] == "training" and groups["--device"] == "device"
+    assert _flag_groups(commands["train"])["--method"] == "model"
+    assert _flag_groups(commands["compare"])["--grids"] == "model"
+
+
+def test_help_shows_choices_and_defaults_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--optimizer {sgd,adamw}" in text and "--aggregator-inputs {train,crossfit,val,augmented}" in text
+    assert "(default: 1x1)" in text and "(default: 128,128)" in text and "(default: unset)" in text
+    assert "peak learning rate of the schedule (default: 0.05)" in text
+
+
+# -- options that do not apply: one warning each ----------------------------------------------------------------
+
+
+def test_train_warns_once_about_each_option_it_ignores(tmp_path, caplog):
+    data = _npz(tmp_path / "d.npz")
+    argv = _train(tmp_path, f"npz:{data}", "--method", "global", "--grid", "2x2", "--image-size", "32",
+                  "--crossfit-folds", "5", "--batch-size", "8")
+    with caplog.at_level(logging.WARNING, logger="ddcnn"):
+        assert main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(warnings) == 3, warnings
+    assert any("--grid 2x2" in w for w in warnings) and any("--image-size 32" in w for w in warnings)
+    assert any("--crossfit-folds" in w for w in warnings)
+
+
+def test_train_refuses_contradicting_options_before_any_work(tmp_path, capsys):
+    _fails(capsys, _train(tmp_path, "mnist5k", "--amp", "--dtype", "float64"), "contradict")
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_warns_once_about_each_option_no_phase_reads(tmp_path, caplog, monkeypatch):
+    import ddcnn.compare
+
+    ran = []
+    monkeypatch.setattr(ddcnn.compare, "_compare", lambda cc, *rest: ran.append(cc) or SimpleNamespace(markdown=""))
+    argv = ["compare", "--out", str(tmp_path / "cmp"), "--methods", "global,local", "--transfer-aggregator",
+            "--coherent-epochs", "3"]
+    with caplog.at_level(logging.WARNING, logger="ddcnn"):
+        assert main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(ran) == 1 and len(warnings) == 2, warnings
+    assert any("--transfer-aggregator" in w for w in warnings) and any("--coherent-epochs" in w for w in warnings)

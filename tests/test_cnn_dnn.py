@@ -7,8 +7,9 @@ from ddcnn.decomposition import Decomposition
 from ddcnn.errors import CheckpointMismatchError
 from ddcnn.models import LocalCNNs, create_model, list_models
 from ddcnn.models.aggregators import create_aggregator
-from ddcnn.models.cnn_dnn import CNNDNN, local_cnns_meta
+from ddcnn.models.cnn_dnn import CNNDNN
 from ddcnn.models.layers import split_state_dict
+from ddcnn.models.spec import ModelSpec
 from ddcnn.train import Trainer, save_checkpoint
 from ddcnn.train.engine import classification_loss
 
@@ -111,8 +112,7 @@ def test_cnn_dnn_refuses_an_aggregator_of_another_size():
 
 def local_checkpoint(tmp_path, model: CNNDNN, name="local.pt"):
     """A local-phase checkpoint as the Trainer writes it."""
-    meta = {"kind": "local_cnns", **local_cnns_meta(model.local_cnns)}
-    state = {"model": model.local_cnns.state_dict(), "meta": meta}
+    state = {"model": model.local_cnns.state_dict(), "spec": ModelSpec.of(model.local_cnns).to_dict()}
     return save_checkpoint(state, tmp_path / name)
 
 
@@ -128,10 +128,22 @@ def test_from_pretrained_copies_the_local_cnns_exactly(tmp_path):
         assert torch.equal(v, aggregator_before[k])
 
 
+def test_from_pretrained_reads_a_local_checkpoint_of_release_0_1(tmp_path):
+    pretrained = cnn_dnn(seed=1)
+    local_cnns, d = pretrained.local_cnns, pretrained.local_cnns.decomposition
+    meta = {"kind": "local_cnns", "backbone": "vgg3", "width": local_cnns.width, "grid": list(d.grid),
+            "overlap": d.overlap, "in_channels": 1, "num_classes": 3, "image_shape": list(d.image_shape)}
+    path = save_checkpoint({"model": local_cnns.state_dict(), "meta": meta}, tmp_path / "local.pt")  # no "spec"
+    fresh = cnn_dnn(seed=2)
+    model = CNNDNN.from_pretrained(path, fresh.local_cnns, fresh.aggregator)
+    for k, v in local_cnns.state_dict().items():
+        assert torch.equal(model.local_cnns.state_dict()[k], v), k
+
+
 def test_from_pretrained_copies_the_aggregator_from_a_cnn_dnn_checkpoint(tmp_path):
     pretrained = cnn_dnn(seed=1)
-    meta = {"kind": "cnn_dnn", "aggregator": "dnn", **local_cnns_meta(pretrained.local_cnns)}
-    path = save_checkpoint({"model": pretrained.state_dict(), "meta": meta}, tmp_path / "dnn.pt")
+    spec = ModelSpec.of(pretrained).to_dict()
+    path = save_checkpoint({"model": pretrained.state_dict(), "spec": spec}, tmp_path / "dnn.pt")
     fresh = cnn_dnn(seed=2)
     model = CNNDNN.from_pretrained(path, fresh.local_cnns, fresh.aggregator, with_aggregator=True)
     for k, v in pretrained.state_dict().items():
@@ -154,10 +166,10 @@ def test_from_pretrained_refuses_another_backbone_grid_or_classes(tmp_path, othe
     assert "\n" not in str(info.value)
 
 
-def test_from_pretrained_checks_shapes_even_when_the_metadata_agrees(tmp_path):
+def test_from_pretrained_checks_shapes_even_when_the_spec_agrees(tmp_path):
     other = cnn_dnn(classes=5)
-    meta = {"kind": "local_cnns", **local_cnns_meta(cnn_dnn().local_cnns)}  # meta lies: says 3 classes
-    path = save_checkpoint({"model": other.local_cnns.state_dict(), "meta": meta}, tmp_path / "local.pt")
+    spec = ModelSpec.of(cnn_dnn().local_cnns).to_dict()  # the spec lies: says 3 classes
+    path = save_checkpoint({"model": other.local_cnns.state_dict(), "spec": spec}, tmp_path / "local.pt")
     fresh = cnn_dnn()
     with pytest.raises(CheckpointMismatchError, match="has shape"):
         CNNDNN.from_pretrained(path, fresh.local_cnns, fresh.aggregator)

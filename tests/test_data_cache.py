@@ -6,7 +6,6 @@ The real full-disk tests mount a 256 KiB tmpfs (root only, skipped otherwise); t
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json

@@ -7,22 +7,21 @@ import torch
 from ddcnn.cli import main
 from ddcnn.config import RunConfig
 from ddcnn.errors import CheckpointMismatchError, ConfigError
-from ddcnn.methods import (
-    METHODS,
+from ddcnn.evaluate import evaluate_checkpoint
+from ddcnn.methods import METHODS, run
+from ddcnn.models import LocalCNNs
+from ddcnn.models.aggregators import list_aggregators
+from ddcnn.models.cnn_dnn import CNNDNN
+from ddcnn.models.spec import ModelSpec, model_from_checkpoint, spec_of
+from ddcnn.phases import (
     Experiment,
     aggregation_phase,
     aggregator_training_inputs,
-    evaluate_checkpoint,
-    model_from_checkpoint,
     pretrained_local_cnns,
-    run,
     run_local,
     run_transfer,
     train_local_cnns,
 )
-from ddcnn.models import LocalCNNs
-from ddcnn.models.aggregators import list_aggregators
-from ddcnn.models.cnn_dnn import CNNDNN
 from ddcnn.train import load_checkpoint
 
 
@@ -44,10 +43,17 @@ def test_every_method_trains_and_writes_a_loadable_checkpoint(tmp_path, tiny_run
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["rows"][0]["method"] == result.method and payload["phases"][result.method]["history"] == result.history
     assert (tmp_path / f"confusion_{result.method}.png").is_file()
-    state = load_checkpoint(tmp_path / f"{result.method}.pt")
-    assert state["finished"]
-    model = model_from_checkpoint(state)
+    path = tmp_path / f"{result.method}.pt"
+    state = load_checkpoint(path)
+    assert state["finished"] and "meta" not in state
+    spec = spec_of(state, path)  # written whole, and what it says rebuilds the model
+    assert ModelSpec.from_dict(state["spec"]).to_dict() == state["spec"] and spec.method == result.method
+    assert {k: v.shape for k, v in spec.build().state_dict().items()} == {k: v.shape for k, v in state["model"].items()}
+    model = model_from_checkpoint(state, path)
     assert isinstance(model, CNNDNN if method in ("cnn_dnn", "coherent", "transfer") else LocalCNNs)
+    assert spec.kind == ("cnn_dnn" if isinstance(model, CNNDNN) else "local_cnns") and not model.training
+    not_in_the_model = ("class_names", "mean", "std", "aggregator_options", "method", "dataset", "local_checkpoint")
+    assert spec == ModelSpec.of(model, **{k: getattr(spec, k) for k in not_in_the_model})
     assert result.parameters == sum(p.numel() for p in model.parameters())
     assert 0.0 <= result.test.accuracy <= 1.0
 
@@ -85,7 +91,8 @@ def test_aggregation_phase_fits_every_aggregator_on_one_set_of_probabilities(tmp
     for name, result in results.items():
         assert result.extra["total_train_seconds"] == pytest.approx(result.train_seconds + local.train_seconds)
         state = load_checkpoint(tmp_path / f"{name}.pt")
-        assert state["finished"] and state["meta"]["kind"] == "cnn_dnn" and state["meta"]["aggregator"] == name
+        assert state["finished"] and state["spec"]["kind"] == "cnn_dnn" and state["spec"]["aggregator"] == name
+        assert state["spec"]["local_checkpoint"] == str(local_dir / "local.pt")
     assert results["mean"].train_seconds == 0 and len(results["dnn"].history) == 3
 
 

@@ -27,7 +27,6 @@ it cannot finish, so the run cannot end before the kill, however fast the machin
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import socket

@@ -5,12 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
+from ddcnn.checkpoint import require_keys
 from ddcnn.cli import main
 from ddcnn.errors import CheckpointError, CorruptImageError, DatasetError
-from ddcnn.methods import Experiment, model_from_checkpoint, run
+from ddcnn.methods import run
+from ddcnn.models import model_from_checkpoint
+from ddcnn.phases import Experiment
 from ddcnn.predict import predict, resolve_checkpoint
 from ddcnn.train import load_checkpoint
-from ddcnn.train.checkpoint import require_keys
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_images(trained, tiny_data_config, tmp_path_factory):
 def test_predict_matches_the_model_on_its_own_data(trained, test_images):
     paths, x = test_images
     state = load_checkpoint(trained["cnn_dnn"] / "dnn.pt")
-    model = model_from_checkpoint(state).eval()
+    model = model_from_checkpoint(state)
     with torch.no_grad():
         scores, local = model.forward_with_local(x)
     predictions = predict(trained["cnn_dnn"], paths, device="cpu")
@@ -55,7 +57,7 @@ def test_predict_matches_the_model_on_its_own_data(trained, test_images):
     for i, p in enumerate(predictions):
         probabilities = scores[i].softmax(-1)
         assert p.prediction.class_index == int(probabilities.argmax())
-        assert p.prediction.class_name == state["meta"]["class_names"][p.prediction.class_index]
+        assert p.prediction.class_name == state["spec"]["class_names"][p.prediction.class_index]
         assert p.prediction.probability == pytest.approx(float(probabilities.max()), abs=1e-5)
         assert [v.class_index for v in p.subdomain_votes] == local[i].argmax(-1).tolist()
         assert p.subdomain_positions == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -128,7 +130,7 @@ def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
     (folder / "array.npy").rename(files["npy"])
     torch.save(torch.zeros(3), files["tensor"])
     torch.save({"weights": torch.zeros(3)}, files["no model"])
-    torch.save({"model": {}, "meta": {}}, folder / "whole.pt")
+    torch.save({"model": {}, "spec": {}}, folder / "whole.pt")
     files["truncated"].write_bytes((folder / "whole.pt").read_bytes()[:200])
     return files
 
@@ -159,22 +161,25 @@ def test_predict_and_evaluate_give_one_line_for_a_bad_checkpoint(tmp_path, capsy
         assert path.name in cli_error(capsys, argv), name
 
 
-def test_a_checkpoint_without_meta_or_config_says_what_it_lacks(tmp_path, capsys):
+def test_a_checkpoint_without_spec_or_config_says_what_it_lacks(tmp_path, capsys):
     torch.save({"model": {}, "epoch": 3}, tmp_path / "bare.pt")
     Image.new("L", (16, 16)).save(tmp_path / "image.png")
-    with pytest.raises(CheckpointError, match=r"bare\.pt lacks 'meta', 'config', so it is not a ddcnn checkpoint"):
-        load_checkpoint(tmp_path / "bare.pt", require=("meta", "config"))
+    with pytest.raises(CheckpointError, match=r"bare\.pt lacks 'spec', 'config', so it is not a ddcnn checkpoint"):
+        load_checkpoint(tmp_path / "bare.pt", require=("spec", "config"))
     argv = ["predict", "--checkpoint", str(tmp_path / "bare.pt"), str(tmp_path / "image.png")]
-    assert "lacks 'meta'" in cli_error(capsys, argv)
-    torch.save({"model": {}, "meta": {"class_names": ["a", "b"]}}, tmp_path / "thin.pt")
-    with pytest.raises(CheckpointError, match=r"thin\.pt \(its meta\) lacks 'image_shape', 'in_channels'"):
+    assert "lacks 'spec'" in cli_error(capsys, argv)
+    torch.save({"model": {}, "spec": {"class_names": ["a", "b"]}}, tmp_path / "thin.pt")
+    with pytest.raises(CheckpointError, match=r"thin\.pt \(its spec\) lacks 'kind', 'backbone', 'grid', 'image_shape'"):
         predict(tmp_path / "thin.pt", [tmp_path / "image.png"])
-    state = {"model": {}, "meta": {"kind": "local_cnns"}}
-    require_keys(state, "x.pt", ("model", "meta"))  # all there: no error
+    torch.save({"model": {}, "meta": {"class_names": ["a", "b"]}}, tmp_path / "old.pt")  # ddcnn 0.1's key
+    with pytest.raises(CheckpointError, match=r"old\.pt \(its meta\) lacks 'kind', 'backbone'"):
+        predict(tmp_path / "old.pt", [tmp_path / "image.png"])
+    state = {"model": {}, "spec": {"kind": "local_cnns"}}
+    require_keys(state, "x.pt", ("model", "spec"))  # all there: no error
 
 
 def test_evaluate_a_checkpoint_without_config_is_a_one_line_error(tmp_path, capsys):
-    torch.save({"model": {}, "meta": {}}, tmp_path / "bare.pt")
+    torch.save({"model": {}, "spec": {}}, tmp_path / "bare.pt")
     assert "lacks 'config'" in cli_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "bare.pt")])
 
 

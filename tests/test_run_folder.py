@@ -20,7 +20,7 @@ from ddcnn.config import ModelConfig, TrainConfig
 from ddcnn.errors import ConfigError, DiskFullError
 from ddcnn.methods import run
 from ddcnn.run_folder import LOCK_NAME, read_results, resume_conflicts, run_folder_lock
-from ddcnn.train import checkpoint
+from ddcnn import checkpoint
 
 from conftest import tmpfs
 
@@ -48,7 +48,7 @@ def local_run(tmp_path, tiny_run):
     [
         ({"train": {"lr": 0.2}}, "train.lr"),
         ({"model": {"grid": (4, 4)}}, "model.grid"),
-        ({"model": {"backbone": "vgg5"}}, "model.backbone"),
+        ({"model": {"backbone": "vgg9"}}, "model.backbone"),
         ({"data": {"dataset": "mnist5k"}}, "data.dataset"),
         ({"train": {"epochs": 3}}, "train.epochs"),  # the onecycle schedule depends on them
     ],

@@ -1,9 +1,10 @@
 """The command line: ``ddcnn train | compare | evaluate | predict | datasets | models | aggregators``. argparse lives
 here and nowhere else.
 
-Every field of the config dataclasses is a flag (``--batch-size``, ``--grid 2x2``, ``--no-augment``...); a YAML
-file given with ``--config`` supplies values first and flags override it. Errors a user can cause print one line
-and exit with status 2 (``--debug`` shows the traceback).
+Every field of the config dataclasses is a flag (``--batch-size``, ``--grid 2x2``, ``--no-augment``...), with the
+help and in the group its metadata gives (:func:`ddcnn.config.option`); a YAML file given with ``--config``
+supplies values first and flags override it. Options that the run does not read are logged as warnings. Errors a
+user can cause print one line and exit with status 2 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict, load_yaml
+from .config import (
+    GROUPS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    field_default,
+    format_grid,
+    load_yaml,
+)
 from .errors import ConfigError, DDCNNError
 
 if typing.TYPE_CHECKING:
@@ -44,27 +56,53 @@ def _flag_type(annotation: Any):
     return annotation
 
 
+def _option_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """The parser's argument groups of :data:`~ddcnn.config.GROUPS`, made on first use, in that order (argparse
+    leaves empty ones out of ``--help``)."""
+    groups = getattr(parser, "_ddcnn_option_groups", None)
+    if groups is None:
+        groups = {name: parser.add_argument_group(name, description) for name, description in GROUPS.items()}
+        parser._ddcnn_option_groups = groups  # type: ignore[attr-defined]
+    return groups
+
+
+def _shown(value: Any, name: str) -> str:
+    """A default as it would be typed: ``2x2``, ``128,128``, ``true``, ``unset``."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return format_grid(value) if name == "grid" else ",".join(str(v) for v in value)
+    return str(value)
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), defaults: Any = None
 ) -> None:
-    """One flag per dataclass field, default None so that only what the user typed overrides the YAML.
-    ``defaults``: an instance whose values the help shows (default: the field defaults)."""
+    """One flag per dataclass field, default None so that only what the user typed overrides the YAML, in the
+    group and with the help of the field's metadata (:func:`ddcnn.config.option`); the fields ``cls`` declares
+    come before those it inherits. ``defaults``: an instance whose values the help shows (default: the field
+    defaults)."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
+    groups = _option_groups(parser)
+    own = set(vars(cls).get("__annotations__", {}))
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
+        if "help" not in f.metadata or f.metadata.get("group") not in GROUPS:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help or group; declare it with ddcnn.config.option()")
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(hints[f.name])
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"(default: {default})"
+        default = getattr(defaults, f.name) if defaults is not None else field_default(f)
+        help_text = f"{f.metadata['help']} (default: {_shown(default, f.name)})".replace("%", "%%")
+        group = groups[f.metadata["group"]]
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, type=kind, default=None, help=help_text, metavar=f.name.upper())
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            group.add_argument(flag, type=kind, default=None, help=help_text, metavar=metavar)
 
 
 def _from_flags(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -128,9 +166,10 @@ COMPARE_SKIP = {"model": ("grid",), "train": ("epochs", "seed")}
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import distributed_session
-    from .methods import run
+    from .methods import check_run_config, run
 
     cfg = resolve_run_config(args, load_yaml(args.config) if args.config else None)
+    check_run_config(cfg)  # before the run folder is made (run() checks again, for library users, and warns)
     with distributed_session(cfg.train.device, cfg.train.dist_timeout) as dist:  # one process, or torchrun's
         with _run_folder(Path(cfg.out), dist.is_primary, "train.log"):
             result = run(cfg, dist, callbacks=args.callbacks)
@@ -140,10 +179,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, compare
+    from .compare import CompareConfig, check_compare_config, compare
     from .distributed import distributed_session
 
     cc = resolve_config(CompareConfig, args, load_yaml(args.config) if args.config else None, COMPARE_SKIP)
+    check_compare_config(cc)  # before the folder is made (compare() checks again, for library users, and warns)
     with distributed_session(cc.train.device, cc.train.dist_timeout) as dist:
         with _run_folder(Path(cc.out), dist.is_primary, "compare.log"):
             result = compare(cc, dist=dist, callbacks=args.callbacks)
@@ -171,7 +211,7 @@ def cmd_aggregators(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .methods import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split, device=args.device)
     print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, indent=2))
@@ -194,33 +234,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONFIG_HELP = (
+    "YAML file of options: the keys are the option names below with _ for - (e.g. batch_size: 32), flat or in "
+    "sections data, model and train; flags override it"
+)
+_DEVICE_HELP = "auto (CUDA if available, else the CPU), cpu, cuda or cuda:N (default: auto)"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddcnn", description="Domain-decomposition CNN-DNN training.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only, not progress")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
-    train = sub.add_parser("train", help="train one method on one dataset")
-    train.add_argument("--config", help="YAML file of options; flags override it")
-    add_config_flags(train, RunConfig)
+    train = sub.add_parser("train", help="train one method on one dataset", usage="%(prog)s [--config FILE] [options]",
+                           description="Train one method on one dataset; results go to --out.")
+    train.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     for cls in SECTIONS.values():
         add_config_flags(train, cls)
+    add_config_flags(train, RunConfig)
     train.set_defaults(func=cmd_train)
 
     from .compare import CompareConfig
 
-    cmp = sub.add_parser("compare", help="train every method on every grid and seed; write tables and plots")
-    cmp.add_argument("--config", help="YAML file of options; flags override it")
+    cmp = sub.add_parser("compare", help="train every method on every grid and seed; write tables and plots",
+                         usage="%(prog)s [--config FILE] [options]", description="Train every method on every grid and seed, as in the papers' tables; results "
+                         "go to --out.")
+    cmp.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     compare_defaults = CompareConfig()
-    add_config_flags(cmp, CompareConfig, defaults=compare_defaults)
     for name, cls in SECTIONS.items():
         add_config_flags(cmp, cls, skip=COMPARE_SKIP.get(name, ()), defaults=getattr(compare_defaults, name))
+    add_config_flags(cmp, CompareConfig, defaults=compare_defaults)
     cmp.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("predict", help="classify image files (.png, .jpg, ..., .npy volumes) with a checkpoint")
     pr.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder holding one")
     pr.add_argument("images", nargs="+", help="image files")
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--device", default="auto", help=_DEVICE_HELP)
     pr.set_defaults(func=cmd_predict)
 
     ag = sub.add_parser("aggregators", help="list the aggregators")
@@ -228,21 +278,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
     ev.add_argument("--checkpoint", required=True, help="a .pt file written by ddcnn train")
-    ev.add_argument("--dataset", help="another dataset spec (same classes and image shape)")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dataset", help="another dataset spec (same classes and image shape; default: the checkpoint's)")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"],
+                    help="the split of the dataset to evaluate on (default: test)")
+    ev.add_argument("--device", default="auto", help=_DEVICE_HELP)
     ev.set_defaults(func=cmd_evaluate)
 
     ds = sub.add_parser("datasets", help="list the datasets, or describe what a dataset spec contains")
     ds.add_argument("spec", nargs="?", help="e.g. mnist5k, cifar10:PATH, imagefolder:PATH, npz:PATH")
-    ds.add_argument("--image-size", type=int, default=None)
+    ds.add_argument("--image-size", type=int, default=None,
+                    help="side length imagefolder images are resized to, as in train (default: their own size)")
     ds.set_defaults(func=cmd_datasets)
 
     md = sub.add_parser("models", help="list the backbones with their parameter counts")
-    md.add_argument("--image-size", default="32x32", help="e.g. 32x32 or 28x28x28")
-    md.add_argument("--in-channels", type=int, default=3)
-    md.add_argument("--num-classes", type=int, default=10)
-    md.add_argument("--grid", default="2x2", help="decomposition for the local CNNs' counts")
+    md.add_argument("--image-size", default="32x32", help="image shape, e.g. 32x32 or 28x28x28 (default: 32x32)")
+    md.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
+    md.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
+    md.add_argument("--grid", default="2x2", help="decomposition for the local CNNs' counts (default: 2x2)")
     md.set_defaults(func=cmd_models)
     return parser
 

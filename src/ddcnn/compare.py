@@ -19,41 +19,36 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .config import (
-    AGGREGATOR_INPUTS,
     DataConfig,
     ModelConfig,
     RunConfig,
+    SharedOptions,
     TrainConfig,
+    changed_options,
     check,
-    check_choice,
     config_to_dict,
     format_grid,
     grid_order,
+    inapplicable_aggregation,
+    inapplicable_data_and_training,
+    option,
     parse_grid,
 )
 from .data import DatasetSplits, load_dataset
 from .distributed import DistContext, primary_first
 from .errors import ConfigError, UnknownNameError
-from .methods import (
-    Experiment,
-    MethodResult,
-    aggregation_phase,
-    check_names,
-    run_coherent,
-    run_global,
-    run_local,
-    run_transfer,
-)
-from .models.aggregators import list_aggregators
+from .methods import check_names
+from .phases import Experiment, MethodResult, aggregation_phase, run_coherent, run_global, run_local, run_transfer
+from .models.aggregators import aggregator_class, list_aggregators
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
 from .run_folder import config_conflicts, run_folder_lock
 from .train.callbacks import Callback
-from .train.checkpoint import atomic_write_text, ensure_writable_folder
+from .checkpoint import atomic_write_text, ensure_writable_folder
 from .train.engine import format_bytes
 
 log = logging.getLogger("ddcnn")
@@ -63,29 +58,58 @@ COMPARE_METHODS = ("global", "local", *AGGREGATORS, "coherent", "transfer")
 PHASE_EPOCHS = {"global": 1, "local": 2, "dnn": 5, "coherent": 1}  # a phase's epochs per `epochs`, by default
 
 
-@dataclass
-class CompareConfig:
-    """One comparison. Defaults: ``ddcnn compare --dataset mnist5k --grids 2x2`` (``make demo``) takes about five
-    minutes on two CPU cores."""
+# RunConfig's options that CompareConfig has not: compare sets them for each phase (see _run_config)
+RUN_ONLY = ("method", "pretrained")
 
-    out: str = "runs/compare"
-    grids: tuple[str, ...] = ("2x2", "4x4")  # decompositions; 1x1 (the global CNN) is trained for every seed anyway
-    seeds: tuple[int, ...] = (0,)  # training seeds (initialisation and batch order); the data split is fixed
-    methods: tuple[str, ...] = COMPARE_METHODS  # a subset of these
-    # epochs of each phase; None: a multiple of `epochs` (PHASE_EPOCHS), so --epochs scales them all
-    epochs: int = 4
-    global_epochs: int | None = None  # None: epochs
-    local_epochs: int | None = None  # None: 2 x epochs (the papers pretrain the local CNNs much longer)
-    dnn_epochs: int | None = None  # None: 5 x epochs (an epoch on N*K probabilities costs next to nothing)
-    coherent_epochs: int | None = None  # coherent and transfer; None: epochs
-    aggregator_inputs: str = "train"  # see RunConfig
-    transfer_aggregator: bool = False  # see RunConfig
-    resume: bool = False
+
+def _phase_epochs_help() -> str:
+    return ", ".join(f"{phase} {n}x" for phase, n in PHASE_EPOCHS.items())
+
+
+@dataclass
+class CompareConfig(SharedOptions):
+    """One comparison. Defaults: ``ddcnn compare --dataset mnist5k --grids 2x2`` (``make demo``) takes about five
+    minutes on two CPU cores. The options shared with :class:`~ddcnn.config.RunConfig` come from
+    :class:`~ddcnn.config.SharedOptions` and go to every phase."""
+
+    out: str = option(
+        "runs/compare", group="output", help="comparison folder: results.json, results.md and plots, and a run "
+        "folder <out>/<grid>/seed<seed>/ per grid and seed",
+    )
+    grids: tuple[str, ...] = option(
+        ("2x2", "4x4"), group="model", help="decompositions to compare, comma-separated; the global CNN (1x1) is "
+        "trained once per seed anyway",
+    )
+    seeds: tuple[int, ...] = option(
+        (0,), group="training", help="training seeds, comma-separated (initialisation and batch order; the data "
+        "split is fixed by --split-seed)",
+    )
+    methods: tuple[str, ...] = option(
+        COMPARE_METHODS, group="model", help=f"methods to run, comma-separated, of: {', '.join(COMPARE_METHODS)} "
+        "(each aggregator is a method: the aggregation phase of that aggregator)",
+    )
+    epochs: int = option(
+        4, group="training", help="base epochs: a phase without its own --<phase>-epochs trains a multiple of it "
+        f"({_phase_epochs_help()}), so --epochs scales them all",
+    )
+    global_epochs: int | None = option(None, group="training", help="epochs of the global CNN; unset: --epochs")
+    local_epochs: int | None = option(
+        None, group="training", help="epochs of the local phase; unset: 2 x --epochs (the papers pretrain the local "
+        "CNNs much longer)",
+    )
+    dnn_epochs: int | None = option(
+        None, group="aggregation", help="epochs of every trained aggregator; unset: 5 x --epochs (an epoch on N*K "
+        "probabilities costs next to nothing)",
+    )
+    coherent_epochs: int | None = option(
+        None, group="training", help="epochs of coherent and transfer training; unset: --epochs"
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="vgg3", width=0.5))  # grid: see grids
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs: see the fields above; seed: see seeds
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.grids = tuple(format_grid(parse_grid(g)) for g in self.grids)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.methods = tuple(self.methods)
@@ -94,7 +118,6 @@ class CompareConfig:
             raise UnknownNameError("method", unknown[0], COMPARE_METHODS)
         if not self.grids or not self.seeds or not self.methods:
             raise ConfigError("compare needs at least one grid, one seed and one method")
-        check_choice("aggregator_inputs", self.aggregator_inputs, AGGREGATOR_INPUTS)
         for phase in PHASE_EPOCHS:
             check(self.phase_epochs(phase) >= 1, f"{phase}_epochs", self.phase_epochs(phase), "at least 1")
 
@@ -102,6 +125,36 @@ class CompareConfig:
         """Epochs of ``phase``: global, local, dnn (every trained aggregator) or coherent (and transfer)."""
         value = getattr(self, f"{phase}_epochs")
         return PHASE_EPOCHS[phase] * self.epochs if value is None else value
+
+    def inapplicable_options(self) -> list[str]:
+        """One-line warnings about options that no phase of this comparison reads (the counterpart of
+        :func:`ddcnn.config.inapplicable_options`); a ConfigError where two options contradict each other."""
+        methods, model = set(self.methods), self.model
+        grids = [g for g in self.grids if g != "1x1"]
+        messages = inapplicable_data_and_training(self.data, self.train)
+        changed = changed_options(self)
+        if model.overlap and not (grids and methods - {"global"}):
+            messages.append("--overlap has no effect: no method of this comparison decomposes the images")
+        coherent = methods & {"coherent", "transfer"}
+        trained = [a for a in AGGREGATORS if a in methods and aggregator_class(a).trainable]
+        if self.transfer_aggregator and "transfer" not in methods:
+            messages.append("--transfer-aggregator has no effect: --methods has no transfer")
+        elif self.transfer_aggregator and aggregator_class(model.aggregator).trainable:
+            trained.append(model.aggregator)  # transfer's aggregation phase
+        if "aggregator" in changed and not coherent:
+            messages.append("--aggregator has no effect: it is the aggregator of coherent and transfer, and --methods "
+                            "has neither (the aggregation phase runs the aggregators in --methods)")
+        if not ("dnn" in methods or (coherent and model.aggregator == "dnn")):
+            messages += [f"--{n.replace('_', '-')} has no effect: no method of this comparison has a dnn aggregator"
+                         for n in ("dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm") if n in changed]
+        messages += inapplicable_aggregation(self, changed, bool(trained), "no method of this comparison trains an "
+                                             "aggregator on local probabilities", self.data.augment)
+        for phase, needs in {"global": methods & {"global"}, "coherent": coherent}.items():
+            if getattr(self, f"{phase}_epochs") is not None and not needs:
+                messages.append(f"--{phase}-epochs has no effect: --methods has no {phase}")
+        if self.local_epochs is not None and not (grids and methods - {"global", "coherent"}):
+            messages.append("--local-epochs has no effect: no method of this comparison trains a local phase")
+        return messages
 
 
 @dataclass
@@ -112,8 +165,11 @@ class CompareResult:
 
 
 def _run_config(cc: CompareConfig, grid: str, seed: int, folder: Path, epochs: int, pretrained: bool) -> RunConfig:
-    """One phase's run configuration; ``pretrained``: it starts from the local phase in ``folder``."""
+    """One phase's run configuration; ``pretrained``: it starts from the local phase in ``folder``. Every option
+    of :class:`~ddcnn.config.SharedOptions` is passed on as it is."""
+    shared = {f.name: getattr(cc, f.name) for f in fields(SharedOptions)}
     return RunConfig(
+        **shared,
         out=str(folder),
         data=cc.data,
         model=replace(cc.model, grid=parse_grid(grid)),
@@ -121,9 +177,6 @@ def _run_config(cc: CompareConfig, grid: str, seed: int, folder: Path, epochs: i
         local_epochs=cc.phase_epochs("local"),
         dnn_epochs=cc.phase_epochs("dnn"),
         pretrained=str(folder) if pretrained else None,
-        aggregator_inputs=cc.aggregator_inputs,
-        transfer_aggregator=cc.transfer_aggregator,
-        resume=cc.resume,
     )
 
 
@@ -165,10 +218,18 @@ def compare(
     grids, seeds or methods (:mod:`ddcnn.run_folder`)."""
     dist = dist or DistContext()
     with run_folder_lock(cc.out) if dist.is_primary else contextlib.nullcontext():
-        check_names(cc)
+        for message in check_compare_config(cc):
+            if dist.is_primary:
+                log.warning("warning: %s", message)
         if cc.resume:
             check_compare_resume(cc)
         return _compare(cc, data, dist, callbacks)
+
+
+def check_compare_config(cc: CompareConfig) -> list[str]:
+    """Check ``cc``'s names and contradictions before any work; return the warnings about options no phase reads."""
+    check_names(cc)
+    return cc.inapplicable_options()
 
 
 def check_compare_resume(cc: CompareConfig) -> None:

@@ -41,7 +41,7 @@ from torch import nn
 
 from .errors import ConfigError, DistributedError
 from .models.local_cnns import LocalCNNs
-from .train.engine import resolve_device
+from .runtime import resolve_device
 
 log = logging.getLogger("ddcnn")
 
@@ -140,10 +140,13 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 @contextmanager
 def distributed_session(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[DistContext]:
-    """:func:`init_distributed`, and leave the process group at the end."""
+    """:func:`init_distributed`, and leave the process group at the end: after a barrier, when the block ended
+    normally, so that no process tears its connections down while another still uses them (gloo aborts the
+    process, "terminate called without an active exception", when a peer leaves mid-collective)."""
     ctx = init_distributed(device, timeout_minutes)
     try:
         yield ctx
+        ctx.barrier()
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import grid_order  # noqa: E402
-from .train.checkpoint import atomic_file  # noqa: E402
+from .checkpoint import atomic_file  # noqa: E402
 
 
 def _save(fig: Any, path: Path, **options: Any) -> None:

@@ -4,8 +4,9 @@ Files are read the way the model's training data was: image files are decoded as
 (mode converted to gray or RGB after the checkpoint's ``in_channels``, alpha composited on black, resized bilinearly
 to the checkpoint's ``image_shape``); ``.npy`` files (volumes, or images) are scaled to uint8 as ``npz`` datasets
 are and must have the image shape already. Both are then normalised with the training split's mean and std from the
-checkpoint, by the same loader as in training. For models with several local CNNs (a CNN-DNN, or local CNNs alone)
-each subdomain's own vote (its local CNN's most probable class) is reported beside the prediction.
+checkpoint's spec (:class:`~ddcnn.models.spec.ModelSpec`), by the same loader as in training. For models with
+several local CNNs (a CNN-DNN, or local CNNs alone) each subdomain's own vote (its local CNN's most probable class)
+is reported beside the prediction.
 """
 
 from __future__ import annotations
@@ -17,19 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import load_checkpoint
 from .config import DataConfig
 from .data import ImageSet, make_loader
 from .data.imagefolder import decode_image
 from .data.npz import pixels_to_uint8
-from .decomposition import Decomposition
 from .errors import CheckpointError, DatasetError
-from .methods import model_from_checkpoint
 from .models.cnn_dnn import CNNDNN
-from .train.checkpoint import load_checkpoint, require_keys
-from .train.engine import resolve_device
+from .models.spec import model_from_checkpoint, spec_of
+from .runtime import resolve_device
 
-# what predict reads from a checkpoint's meta (model_from_checkpoint reads further keys, checked as it rebuilds)
-_META_KEYS = ("class_names", "image_shape", "in_channels", "mean", "std", "grid", "overlap")
+# what predict needs of a checkpoint's spec beyond the model: how to name the classes and normalise new images
+_PREPROCESSING = ("class_names", "mean", "std")
 
 
 @dataclass
@@ -115,16 +115,21 @@ def predict(checkpoint: str | Path, images: list[str | Path], device: str = "aut
     if not images:
         raise DatasetError("no images given; pass image files (.png, .jpg, ...) or .npy arrays")
     path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path, require=("meta",))
-    meta = state["meta"]
-    require_keys(meta if isinstance(meta, dict) else {}, f"{path} (its meta)", _META_KEYS)
-    class_names, image_shape = list(meta["class_names"]), tuple(meta["image_shape"])
-    pixels = np.stack([read_image(p, meta["in_channels"], image_shape) for p in images])
+    state = load_checkpoint(path)
+    spec = spec_of(state, path)
+    missing = [name for name in _PREPROCESSING if getattr(spec, name) is None]
+    if missing:
+        raise CheckpointError(
+            f"{path} (its spec) lacks {', '.join(map(repr, missing))}, which predict needs to read new images as the "
+            "training data was; pass a checkpoint written by ddcnn train"
+        )
+    class_names, image_shape = spec.class_names, spec.image_shape
+    pixels = np.stack([read_image(p, spec.in_channels, image_shape) for p in images])
     torch_device = resolve_device(device)
-    model = _rebuild_model(state, path).to(torch_device).eval()
+    model = model_from_checkpoint(state, path).to(torch_device)
     loader = make_loader(
         ImageSet(torch.from_numpy(pixels), torch.zeros(len(pixels), dtype=torch.int64)),
-        batch_size=64, train=False, cfg=DataConfig(), mean=meta["mean"], std=meta["std"], device=torch_device,
+        batch_size=64, train=False, cfg=DataConfig(), mean=spec.mean, std=spec.std, device=torch_device,
     )
     scores, local = [], []
     with torch.inference_mode():
@@ -137,7 +142,7 @@ def predict(checkpoint: str | Path, images: list[str | Path], device: str = "aut
                 scores.append(p.mean(1))
             local.append(p)
     probabilities, local_probabilities = torch.cat(scores).cpu(), torch.cat(local).cpu()
-    positions = Decomposition(tuple(meta["grid"]), image_shape, meta["overlap"]).subdomain_coordinates()
+    positions = spec.decomposition().subdomain_coordinates()
 
     def vote(p: torch.Tensor) -> Vote:
         k = int(p.argmax())
@@ -152,18 +157,6 @@ def predict(checkpoint: str | Path, images: list[str | Path], device: str = "aut
         )
         for i, image in enumerate(images)
     ]
-
-
-def _rebuild_model(state: dict, path: Path) -> torch.nn.Module:
-    """The checkpoint's model; :class:`CheckpointError` if its meta and weights do not make one."""
-    try:
-        return model_from_checkpoint(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {path} does not describe a model ddcnn can rebuild ({reason}); pass a .pt file written by "
-            "ddcnn train"
-        ) from None
 
 
 def format_predictions(predictions: list[Prediction]) -> str:

@@ -10,7 +10,7 @@ outputs written atomically and kept across phases.
   is ``constant`` (then training longer is the same run continued); under any other schedule they fix the
   learning rate of every step and are refused. A phase that another one builds on (the local phase under the
   aggregation phase or transfer learning) is compared on the keys it depends on only.
-* **Atomic outputs.** Every file is written whole or not at all (:func:`~ddcnn.train.checkpoint.atomic_file`):
+* **Atomic outputs.** Every file is written whole or not at all (:func:`~ddcnn.checkpoint.atomic_file`):
   a full disk ends the run with one line and leaves the previous complete files.
 * **Results kept across phases.** ``results.json`` has one row per phase run in the folder (``rows``, latest
   last), and each phase's configuration and per-epoch history (``phases``): ``train --method cnn_dnn`` after
@@ -30,7 +30,7 @@ from typing import Any
 
 from .config import RunConfig, config_to_dict
 from .errors import ConfigError, DDCNNError
-from .train.checkpoint import atomic_write_text, ensure_writable_folder
+from .checkpoint import atomic_write_text, ensure_writable_folder
 
 log = logging.getLogger("ddcnn")
 

@@ -1,5 +1,6 @@
-"""Backbones (a registry, 2D and 3D, any number of local CNNs at once), aggregators (a registry) and the models
-built from them: the local CNNs of a decomposition and the CNN-DNN."""
+"""Backbones (a registry, 2D and 3D, any number of local CNNs at once), aggregators (a registry), the models
+built from them (the local CNNs of a decomposition and the CNN-DNN) and the spec every checkpoint holds to rebuild
+its model (:class:`ModelSpec`, :func:`model_from_checkpoint`)."""
 
 from . import resnet, vgg  # noqa: F401  (register the backbones)
 from .aggregators import Aggregator, create_aggregator, list_aggregators, register_aggregator
@@ -8,6 +9,7 @@ from .cnn_dnn import CNNDNN
 from .layers import GroupedLinear
 from .local_cnns import LocalCNNs
 from .registry import create_model, list_models, register_model
+from .spec import ModelSpec, model_from_checkpoint, spec_of
 
 __all__ = [
     "Aggregator",
@@ -15,10 +17,13 @@ __all__ = [
     "CNNDNN",
     "GroupedLinear",
     "LocalCNNs",
+    "ModelSpec",
     "create_aggregator",
     "create_model",
     "list_aggregators",
     "list_models",
+    "model_from_checkpoint",
     "register_aggregator",
     "register_model",
+    "spec_of",
 ]

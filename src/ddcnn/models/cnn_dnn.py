@@ -3,7 +3,8 @@
 The local CNNs' logits become probabilities (softmax, in float32) and the aggregator maps them to class scores, so
 the composition is one differentiable model: frozen local CNNs for the aggregation phase, trained end to end for
 coherent training and transfer learning. :meth:`CNNDNN.from_pretrained` starts it from a local-phase (or CNN-DNN)
-checkpoint, asserting that the checkpoint's backbone, grid and classes and every parameter name and shape fit.
+checkpoint, asserting that the backbone, grid and classes of the checkpoint's spec (:mod:`ddcnn.models.spec`) and
+every parameter name and shape fit.
 """
 
 from __future__ import annotations
@@ -15,27 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import load_checkpoint
 from ..errors import CheckpointMismatchError
-from ..train.checkpoint import check_metadata, load_checkpoint
 from .aggregators import Aggregator
 from .local_cnns import LocalCNNs, _check_compatible
+from .spec import LOCAL_CNNS_FIELDS, ModelSpec, spec_of
 
 LOCAL_PREFIX = "local_cnns."
 AGGREGATOR_PREFIX = "aggregator."
-
-
-def local_cnns_meta(local_cnns: LocalCNNs) -> dict[str, Any]:
-    """What a checkpoint's ``meta`` must say for its local CNNs to fit ``local_cnns``."""
-    d = local_cnns.decomposition
-    return {
-        "backbone": local_cnns.backbone_name,
-        "width": local_cnns.width,
-        "grid": list(d.grid),
-        "overlap": d.overlap,
-        "in_channels": local_cnns.in_channels,
-        "num_classes": local_cnns.num_classes,
-        "image_shape": list(d.image_shape),
-    }
 
 
 class CNNDNN(nn.Module):
@@ -102,21 +90,15 @@ class CNNDNN(nn.Module):
 
 
 def load_pretrained_local_cnns(state: dict[str, Any], local_cnns: LocalCNNs, source: str) -> LocalCNNs:
-    """Copy the local CNNs of checkpoint ``state`` (of the local phase, ``meta["kind"] == "local_cnns"``, or of a
-    CNN-DNN) into ``local_cnns``.
+    """Copy the local CNNs of checkpoint ``state`` (of the local phase, or of a CNN-DNN) into ``local_cnns``.
 
-    Raises :class:`CheckpointMismatchError` naming ``source`` when the checkpoint holds another kind of model, or
-    another backbone, width, grid, overlap, image shape, channels or number of classes (from its ``meta``), or when
-    any parameter name or shape differs.
+    Raises :class:`CheckpointMismatchError` naming ``source`` when the checkpoint's spec (:func:`spec_of`) has
+    another backbone, width, grid, overlap, image shape, channels or number of classes, or when any parameter name
+    or shape differs.
     """
-    kind = state.get("meta", {}).get("kind")
-    if kind not in ("local_cnns", "cnn_dnn"):
-        raise CheckpointMismatchError(
-            f"checkpoint {source} holds a {kind!r} model, not local CNNs or a CNN-DNN; pass the local phase's "
-            "checkpoint (local.pt) or a CNN-DNN's"
-        )
-    check_metadata(state, local_cnns_meta(local_cnns), source)
-    weights = state["model"] if kind == "local_cnns" else _strip(state["model"], LOCAL_PREFIX)
+    spec = spec_of(state, source)
+    spec.check_compatible(ModelSpec.of(local_cnns), source, keys=LOCAL_CNNS_FIELDS)
+    weights = state["model"] if spec.kind == "local_cnns" else _strip(state["model"], LOCAL_PREFIX)
     _check_compatible(local_cnns.state_dict(), weights, what=f"the local CNNs of {source}")
     local_cnns.load_state_dict(weights)
     return local_cnns
@@ -124,13 +106,13 @@ def load_pretrained_local_cnns(state: dict[str, Any], local_cnns: LocalCNNs, sou
 
 def load_pretrained_aggregator(state: dict[str, Any], aggregator: Aggregator, source: str) -> Aggregator:
     """Copy the aggregator of CNN-DNN checkpoint ``state`` into ``aggregator`` (same name, names and shapes)."""
-    meta = state.get("meta", {})
-    if meta.get("kind") != "cnn_dnn":
+    spec = spec_of(state, source)
+    if spec.kind != "cnn_dnn":
         raise CheckpointMismatchError(
-            f"checkpoint {source} holds no trained aggregator (it is a {meta.get('kind')!r} checkpoint); pass a "
+            f"checkpoint {source} holds no trained aggregator (it is a {spec.kind!r} checkpoint); pass a "
             "CNN-DNN checkpoint such as dnn.pt"
         )
-    check_metadata(state, {"aggregator": aggregator.name}, source)
+    spec.check_compatible({"aggregator": aggregator.name}, source)
     weights = _strip(state["model"], AGGREGATOR_PREFIX)
     _check_compatible(aggregator.state_dict(), weights, what=f"the {aggregator.name} aggregator of {source}")
     aggregator.load_state_dict(weights)

@@ -1,7 +1,7 @@
 """Training: the loop every mode uses, checkpoints, metrics."""
 
 from .callbacks import Callback
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .engine import EvalResult, FitResult, Trainer, TrainingInterrupted, classification_loss, evaluate
 from .metrics import ClassificationReport, classification_report
 

@@ -11,12 +11,10 @@ continues exactly as the uninterrupted run would have (on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
 import math
-import random
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,8 +30,9 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import ConfigError, DDCNNError, TrainingDivergedError
 from ..models.backbone import Backbone
+from ..runtime import at_least_float32, autocast, compute_dtype, use_channels_last
 from .callbacks import Callback, CallbackList
-from .checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 if TYPE_CHECKING:
     from ..distributed import Parallel
@@ -53,32 +51,6 @@ class TrainingInterrupted(DDCNNError):
 # -- set-up -----------------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
-    return device.type == "cuda" if cfg.amp is None else bool(cfg.amp and device.type == "cuda")
-
-
-def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    return device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
-
-
 def set_backbone_channels_last(model: nn.Module, cfg: TrainConfig) -> None:
     """``cfg.channels_last`` True/False forces the layout of every backbone's convolutions; None keeps the
     backbones' own default (channels-last for batches of 32 or more, see :class:`~ddcnn.models.backbone.Backbone`)."""
@@ -86,22 +58,6 @@ def set_backbone_channels_last(model: nn.Module, cfg: TrainConfig) -> None:
         for module in model.modules():
             if isinstance(module, Backbone):
                 module.channels_last = bool(cfg.channels_last)
-
-
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if use_amp(cfg, device):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The floating-point type of parameters and activations (``cfg.dtype``; autocast may lower it, see --amp)."""
-    return getattr(torch, cfg.dtype)
-
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is of a lower precision (bf16 autocast); float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -274,7 +230,8 @@ class FitResult:
 class Trainer:
     """Trains ``model`` for ``epochs`` with checkpoints in ``checkpoint`` and one CSV row per epoch in ``log_csv``.
 
-    ``meta`` and ``config`` are stored in every checkpoint (what the model is, and the resolved run config).
+    ``spec`` and ``config`` are stored in every checkpoint: what the model is
+    (:meth:`ddcnn.models.ModelSpec.to_dict`) and the resolved run config.
     ``save`` is False on processes that must not write (non-primary ranks). ``parameters`` restricts training
     to some parameters (the rest stay frozen). ``parallel``: ``model`` is this process's share of a model trained
     by several processes (see :class:`ddcnn.distributed.Parallel`); then every process runs ``fit`` on the same
@@ -292,7 +249,7 @@ class Trainer:
     epochs: int
     checkpoint: Path | None = None
     log_csv: Path | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     desc: str = "train"
     save: bool = True
@@ -305,6 +262,9 @@ class Trainer:
 
     def __post_init__(self) -> None:
         set_backbone_channels_last(self.model, self.cfg)
+        # the forward of training and validation; compiled once per Trainer (the first steps pay for it). The
+        # checkpoints keep ``self.model``'s state dict, whose keys torch.compile's wrapper would prefix
+        self._forward: nn.Module = torch.compile(self.model) if self.cfg.compile else self.model
         self.optimizer = build_optimizer(self.parameters or self.model.named_parameters(), self.cfg)
         self.scheduler = None  # built in fit(), when the steps per epoch are known
         self.history: list[dict[str, Any]] = []
@@ -325,7 +285,7 @@ class Trainer:
             "history": self.history,
             "train_seconds": self.train_seconds,
             "rng": rng_state(),
-            "meta": self.meta,
+            "spec": self.spec,
             "config": self.config,
             "finished": self.epoch >= self.epochs,
         }
@@ -379,7 +339,7 @@ class Trainer:
                 if self.parallel is not None:
                     self.parallel.sync_buffers(self.model)
                 if val_loader is not None:
-                    val = evaluate(self.model, val_loader, self.cfg, self.device, parallel=self.parallel)
+                    val = evaluate(self._forward, val_loader, self.cfg, self.device, parallel=self.parallel)
                     row.update(val_loss=val.loss, val_accuracy=val.accuracy)
                     if val.subdomain_accuracy is not None and len(val.subdomain_accuracy) > 1:
                         row["val_subdomain_accuracy"] = val.subdomain_accuracy
@@ -422,7 +382,7 @@ class Trainer:
                 continue
             x = _to_memory_format(x, cfg, device)
             with autocast(cfg, device):
-                logits = model(x)
+                logits = self._forward(x)
             loss = classification_loss(logits, y, cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
@@ -528,7 +488,7 @@ def format_bytes(n: float) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows (lists joined by spaces) to a CSV file atomically (see :func:`~ddcnn.train.checkpoint.atomic_file`)."""
+    """Write rows (lists joined by spaces) to a CSV file atomically (see :func:`~ddcnn.checkpoint.atomic_file`)."""
     flat = [{k: (" ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
     text = io.StringIO(newline="")

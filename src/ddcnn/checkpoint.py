@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, CheckpointMismatchError, DDCNNError, DiskFullError
+from .errors import CheckpointError, DDCNNError, DiskFullError
 
 
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -96,7 +96,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", require: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """Read a checkpoint safely: a dict with a ``model`` entry and each key in ``require`` (e.g. ``("meta",
+    """Read a checkpoint safely: a dict with a ``model`` entry and each key in ``require`` (e.g. ``("spec",
     "config")``), else a :class:`CheckpointError` that names the file and what is wrong with it."""
     path = Path(path)
     if path.is_dir():
@@ -155,22 +155,6 @@ def _first_sentence(text: str) -> str:
     """The first sentence of an error message, without torch's ``[enforce fail at file.cc:N]`` prefix."""
     text = re.sub(r"^\s*\[enforce fail at [^\]]*\][\s.]*", "", text)
     return re.split(r"\.\s|\n", text.strip(), maxsplit=1)[0][:120]
-
-
-def check_metadata(state: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
-    """Raise CheckpointMismatchError when the checkpoint's backbone, grid, classes... differ from ``expected``."""
-    meta = state.get("meta", {})
-    for key, want in expected.items():
-        have = meta.get(key)
-        if isinstance(have, list):
-            have = tuple(have)
-        if isinstance(want, list):
-            want = tuple(want)
-        if have != want:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} has {key} {have!r} but this run needs {want!r}; "
-                f"use a checkpoint trained with the same {key} or change the configuration"
-            )
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,0 +1,335 @@
+"""The aggregation phase: the frozen local CNNs' probabilities in, a fitted or trained aggregator out.
+
+The local CNNs run once over each split an aggregator needs (:class:`_LocalInputs`); what they produce, ``(n, N,
+K)`` probabilities, is small, so it stays in memory and an aggregator trains on it for many epochs at almost no cost,
+with the same :class:`~ddcnn.train.engine.Trainer` as every other model, fed by a :class:`TensorLoader`. What a
+trained aggregator learns from is ``cfg.aggregator_inputs`` (:func:`aggregator_training_inputs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import TrainConfig, config_to_dict, format_grid
+from ..data import ImageSet
+from ..decomposition import Decomposition
+from ..distributed import Parallel
+from ..models import LocalCNNs
+from ..models.aggregators import Aggregator, WeightedAggregator
+from ..models.cnn_dnn import CNNDNN, load_pretrained_aggregator
+from ..run_folder import check_resume
+from ..runtime import seed_everything
+from ..train.callbacks import Callback
+from ..train.engine import FitResult, Trainer, evaluate, format_bytes
+from .context import (
+    Experiment,
+    MethodResult,
+    build_aggregator,
+    checkpoint_finished,
+    communication_per_step,
+    count_parameters,
+    local_epochs,
+    method_report,
+)
+from .local import pretrained_local_cnns, train_local_cnns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalProbabilities:
+    """The local CNNs' probabilities ``(n, N, K)`` on some images, with those images' labels ``(n,)``."""
+
+    probabilities: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def cat(cls, parts: list[LocalProbabilities]) -> LocalProbabilities:
+        return cls(torch.cat([p.probabilities for p in parts]), torch.cat([p.labels for p in parts]))
+
+
+class TensorLoader:
+    """Batches ``(x[rows], y[rows])`` of in-memory tensors, the loader interface :class:`Trainer` expects.
+
+    With ``shuffle``, each epoch's order is a permutation drawn from ``(seed, epoch)`` only (call
+    :meth:`set_epoch`), so a resumed run sees the same batches; the last partial batch is then dropped (a batch
+    of one would break batch norm). Without ``shuffle``, every row in order.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.shuffle, self.seed, self.epoch = max(1, batch_size), shuffle, seed, 0
+        if shuffle and len(y) > self.batch_size:
+            self.num_samples = len(y) // self.batch_size * self.batch_size
+        else:
+            self.num_samples = len(y)
+
+    @classmethod
+    def of(cls, data: LocalProbabilities, batch_size: int, **kwargs) -> TensorLoader:
+        return cls(data.probabilities, data.labels, batch_size, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.shuffle:
+            seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+            order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(int(seed)))
+        else:
+            order = torch.arange(len(self.y))
+        for rows in order[: self.num_samples].to(self.x.device).split(self.batch_size):
+            yield self.x[rows], self.y[rows]
+
+
+def local_probabilities(
+    model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device, parallel: Parallel | None = None
+) -> LocalProbabilities:
+    """Run ``model`` (local CNNs, logits ``(B, N, K)``) over ``loader`` once, in eval mode; results on the CPU.
+    With ``parallel``, ``model`` is this process's share of the local CNNs and all of theirs are gathered."""
+    result = evaluate(model, loader, cfg, device, collect=True, parallel=parallel)
+    return LocalProbabilities(result.probabilities, result.labels)
+
+
+@dataclass
+class AggregatorFit:
+    """What fitting or training an aggregator produced."""
+
+    history: list[dict]
+    seconds: float
+    images_per_second: float  # probability vectors per second during fitting/training
+
+
+def fit_aggregator(
+    aggregator: Aggregator,
+    train: LocalProbabilities | None,
+    val: LocalProbabilities,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    epochs: int,
+    batch_size: int,
+    log_csv: Path | None = None,
+    save: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> AggregatorFit:
+    """Fit ``aggregator``: if trainable, the Trainer on ``train`` for ``epochs`` with ``val`` for the per-epoch
+    validation numbers; else its closed-form ``fit`` on ``val`` (if it has one). ``save``: False on the processes
+    of a distributed run other than rank 0, which fit the same aggregator on the same numbers but write nothing."""
+    aggregator.to(device)
+    if not (aggregator.trainable or aggregator.fitted):  # nothing to learn (mean, logmean, vote)
+        return AggregatorFit([], 0.0, 0.0)
+    if not aggregator.trainable:
+        start = time.perf_counter()
+        aggregator.fit(val.probabilities.to(device), val.labels.to(device))
+        seconds = time.perf_counter() - start
+        return AggregatorFit([], seconds, len(val) / max(seconds, 1e-9))
+    if train is None:
+        raise ValueError(f"the {aggregator.name} aggregator is trained and needs training inputs")
+    trainer = Trainer(
+        aggregator, cfg, device, epochs, log_csv=log_csv, desc=aggregator.name, save=save, callbacks=callbacks
+    )
+    fit: FitResult = trainer.fit(
+        TensorLoader.of(train, batch_size, shuffle=True, seed=cfg.seed, device=device),
+        TensorLoader.of(val, batch_size, device=device),
+    )
+    return AggregatorFit(fit.history, fit.train_seconds, fit.images_per_second)
+
+
+def _subset(split: ImageSet, rows: torch.Tensor) -> ImageSet:
+    images = split.images[rows] if isinstance(split.images, torch.Tensor) else split.images[rows.numpy()]
+    return ImageSet(torch.as_tensor(images), split.labels[rows])
+
+
+def _crossfit_probabilities(exp: Experiment, decomposition: Decomposition) -> LocalProbabilities:
+    """Out-of-fold local probabilities of every training image: the training images are cut into k folds; for
+    each fold, local CNNs trained on the other k-1 (checkpoint ``crossfit<j>.pt``, validated on the held-out fold)
+    predict it."""
+    k = exp.cfg.crossfit_folds
+    train = exp.data.train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(exp.cfg.train.seed))
+    folds = [fold.sort().values for fold in order.chunk(k)]
+    probabilities = torch.empty(len(train), decomposition.num_subdomains, exp.data.num_classes)
+    for j, held_out in enumerate(folds):
+        kept = torch.cat([f for i, f in enumerate(folds) if i != j]).sort().values
+        fold_exp = exp.with_data(train=_subset(train, kept), val=_subset(train, held_out))
+        local_cnns, _ = train_local_cnns(fold_exp, decomposition, local_epochs(exp), f"crossfit{j}")
+        fold = local_probabilities(
+            local_cnns, fold_exp.loader("val"), exp.cfg.train, exp.device, fold_exp.parallel(decomposition)
+        )
+        probabilities[held_out] = fold.probabilities
+    return LocalProbabilities(probabilities, train.labels.clone())
+
+
+def aggregator_training_inputs(
+    exp: Experiment, local_cnns: LocalCNNs, decomposition: Decomposition
+) -> LocalProbabilities:
+    """The local probabilities a trained aggregator learns from, per ``cfg.aggregator_inputs``:
+
+    ``train``: the frozen local CNNs on the (unaugmented) training images, as in the papers; ``crossfit``:
+    out-of-fold probabilities (:func:`_crossfit_probabilities`: k more local phases, each on k-1 folds); ``val``:
+    the local CNNs on the validation split; ``augmented``: ``cfg.augmented_passes`` passes over the training
+    images with the training augmentation of ``cfg.data`` (so, without augmentation, the ``train`` inputs repeated).
+    """
+    mode, cfg, parallel = exp.cfg.aggregator_inputs, exp.cfg.train, exp.parallel(decomposition)
+    if mode == "train":
+        return local_probabilities(local_cnns, exp.loader("train"), cfg, exp.device, parallel)
+    if mode == "val":
+        return local_probabilities(local_cnns, exp.loader("val"), cfg, exp.device, parallel)
+    if mode == "augmented":
+        loader = exp.loader("train", train=True, drop_last=False)
+        passes = []
+        for p in range(exp.cfg.augmented_passes):
+            loader.set_epoch(p)
+            passes.append(local_probabilities(local_cnns, loader, cfg, exp.device, parallel))
+        return LocalProbabilities.cat(passes)
+    return _crossfit_probabilities(exp, decomposition)
+
+
+class _LocalInputs:
+    """The frozen local CNNs' probabilities on each split an aggregation phase needs, each computed once, with the
+    seconds it took (part of the training time of the aggregators that need it). In a distributed run each process
+    computes its share of the local CNNs and the probabilities are gathered."""
+
+    def __init__(self, exp: Experiment, local_cnns: LocalCNNs, decomposition: Decomposition):
+        self.exp, self.decomposition = exp, decomposition
+        self.parallel = exp.parallel(decomposition)
+        self.local_cnns = self.parallel.local_cnns(local_cnns)
+        self._cache: dict[str, tuple[LocalProbabilities, float]] = {}
+
+    def get(self, split: str) -> tuple[LocalProbabilities, float]:
+        """``split``: val, test, or train (the trained aggregators' inputs, see :func:`aggregator_training_inputs`)."""
+        if split not in self._cache:
+            start, sent = time.perf_counter(), self.parallel.communication.total
+            if split == "train":
+                data = aggregator_training_inputs(self.exp, self.local_cnns, self.decomposition)
+            else:
+                data = local_probabilities(
+                    self.local_cnns, self.exp.loader(split), self.exp.cfg.train, self.exp.device, self.parallel
+                )
+            self._cache[split] = data, time.perf_counter() - start
+            if self.exp.dist.distributed:
+                sent = self.parallel.communication.total - sent
+                log.info("aggregation inputs (%s): local probabilities of %d images gathered, sent %s (%s/image)",
+                         split, len(data), format_bytes(sent), format_bytes(sent / max(len(data), 1)))
+        return self._cache[split]
+
+
+def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None) -> list[MethodResult]:
+    """Fit or train each aggregator (default: the configured one) on the frozen local CNNs' probabilities.
+
+    The local CNNs run once per split for all aggregators. Each aggregator's CNN-DNN is saved as
+    ``<aggregator>.pt`` (a ``cnn_dnn`` checkpoint loadable by :func:`model_from_checkpoint`); with
+    ``cfg.resume`` a finished one is loaded instead of fitted again.
+    """
+    decomposition = exp.decomposition()
+    local_cnns, local_state = pretrained_local_cnns(exp, decomposition)
+    inputs = _LocalInputs(exp, local_cnns, decomposition)
+    results = []
+    for name in aggregators or [exp.cfg.model.aggregator]:
+        path = exp.run_dir / f"{name}.pt"
+        if exp.cfg.resume and checkpoint_finished(path):
+            aggregator = build_aggregator(exp, name, decomposition)
+            state = load_checkpoint(path, map_location=exp.device)
+            check_resume(state.get("config"), exp.cfg, name, path)
+            load_pretrained_aggregator(state, aggregator, str(path))
+            fit = AggregatorFit(state["history"], float(state["train_seconds"]), float(state["images_per_second"]))
+            log.info("%s: finished in %s, not fitted again", name, path)
+        else:
+            aggregator, fit = _fit_aggregator(exp, name, inputs)
+            spec = exp.spec("cnn_dnn", decomposition, name, method=name, local_checkpoint=local_state["path"])
+            local_seconds = float(local_state.get("train_seconds", 0.0))
+            if exp.dist.is_primary:
+                save_checkpoint(
+                    {
+                        "model": CNNDNN(local_cnns, aggregator).state_dict(),
+                        "spec": spec.to_dict(),
+                        "config": config_to_dict(exp.cfg),
+                        "history": fit.history,
+                        "epoch": len(fit.history),
+                        "train_seconds": fit.seconds,
+                        "total_train_seconds": local_seconds + fit.seconds,
+                        "images_per_second": fit.images_per_second,
+                        "finished": True,
+                    },
+                    path,
+                )
+            exp.dist.barrier()  # the checkpoint is there for every process to read
+        results.append(_aggregator_result(exp, aggregator, local_cnns, inputs, fit, local_state))
+        log.info("%s %s test: %s", name, results[-1].grid, results[-1].test.summary())
+    return results
+
+
+def _fit_aggregator(exp: Experiment, name: str, inputs: _LocalInputs) -> tuple[Aggregator, AggregatorFit]:
+    """Build aggregator ``name`` and fit or train it; the fit's ``seconds`` include computing the inputs it needs
+    beyond the local phase (the training inputs of a trained one, the validation probabilities of a fitted one)."""
+    seed_everything(exp.cfg.train.seed)
+    aggregator = build_aggregator(exp, name, inputs.decomposition)
+    val, val_seconds = inputs.get("val")
+    train, train_seconds = inputs.get("train") if aggregator.trainable else (None, 0.0)
+    fit = fit_aggregator(
+        aggregator, train, val, exp.cfg.train, exp.device, epochs=exp.cfg.dnn_epochs or exp.cfg.train.epochs,
+        batch_size=exp.cfg.data.batch_size,
+        log_csv=exp.run_dir / f"{aggregator.name}_log.csv" if aggregator.trainable else None,
+        save=exp.dist.is_primary,
+        callbacks=exp.callbacks,
+    )
+    fit.seconds += train_seconds if aggregator.trainable else val_seconds if aggregator.fitted else 0.0
+    return aggregator, fit
+
+
+def _aggregator_result(
+    exp: Experiment, aggregator: Aggregator, local_cnns: LocalCNNs, inputs: _LocalInputs, fit: AggregatorFit,
+    local_state: dict[str, Any],
+) -> MethodResult:
+    batch, cfg = exp.cfg.data.eval_batch_size, exp.cfg.train
+    test = evaluate(aggregator, TensorLoader.of(inputs.get("test")[0], batch, device=exp.device), cfg, exp.device,
+                    collect=True)
+    val = evaluate(aggregator, TensorLoader.of(inputs.get("val")[0], batch, device=exp.device), cfg, exp.device)
+    local_seconds = float(local_state.get("train_seconds", 0.0))
+    extra: dict[str, Any] = {
+        "aggregator_parameters": count_parameters(aggregator),
+        "local_train_seconds": local_seconds,
+        "total_train_seconds": local_seconds + fit.seconds,
+        **communication_per_step(aggregator, 0),  # its inputs are gathered once (N*K numbers per image), not per step
+    }
+    if aggregator.trainable:
+        extra["aggregator_inputs"] = exp.cfg.aggregator_inputs
+    if isinstance(aggregator, WeightedAggregator):
+        extra["subdomain_weights"] = aggregator.weights.tolist()
+    return MethodResult(
+        aggregator.name, format_grid(local_cnns.decomposition.grid), method_report(test), val.accuracy,
+        count_parameters(local_cnns) + extra["aggregator_parameters"], fit.seconds, fit.images_per_second,
+        fit.history, extra,
+    )
+
+
+def run_cnn_dnn(exp: Experiment) -> MethodResult:
+    """The aggregation phase of the configured aggregator (``cfg.model.aggregator``)."""
+    return aggregation_phase(exp, [exp.cfg.model.aggregator])[0]

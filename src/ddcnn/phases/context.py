@@ -1,0 +1,247 @@
+"""What every phase needs: the :class:`Experiment` (configuration, data, device, run folder, this process's place
+in a distributed run), the :class:`MethodResult` it reports, and building and training a phase's model with
+checkpoints (:func:`fit_phase`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import ensure_writable_folder, load_checkpoint
+from ..config import RunConfig, config_to_dict
+from ..data import DatasetSplits, ImageSet, load_dataset, make_loader
+from ..decomposition import Decomposition
+from ..distributed import DistContext, Parallel, data_parallel_bytes_per_step, primary_first, sum_over_whole_model
+from ..errors import CheckpointError
+from ..models import LocalCNNs, ModelSpec
+from ..models.aggregators import Aggregator, aggregator_options, create_aggregator
+from ..run_folder import check_resume
+from ..runtime import compute_dtype, resolve_device
+from ..train.callbacks import Callback
+from ..train.engine import EpochEnd, EvalResult, FitResult, Trainer
+from ..train.metrics import ClassificationReport, classification_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    """What every training mode needs: the configuration, the data, the device, the run folder and, in a
+    distributed run, this process's place in it (``dist``)."""
+
+    cfg: RunConfig
+    data: DatasetSplits
+    device: torch.device
+    run_dir: Path
+    dist: DistContext = field(default_factory=DistContext)
+    callbacks: Sequence[Callback] = ()  # the events of every phase's training (ddcnn.train.callbacks)
+    _parallel: dict[int, Parallel] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_config(
+        cls, cfg: RunConfig, data: DatasetSplits | None = None, dist: DistContext | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> Experiment:
+        """Set up ``cfg``'s device (``dist``'s, in a distributed run) and run folder; load its dataset unless
+        ``data`` (already loaded) is given."""
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        dist = dist or DistContext(device=resolve_device(cfg.train.device))
+        run_dir = ensure_writable_folder(cfg.out)
+        if data is None:
+            with primary_first(dist):  # the other processes read what rank 0 decoded into the cache
+                data = load_dataset(cfg.data)
+        return cls(cfg, data, dist.device, run_dir, dist, tuple(callbacks))
+
+    def parallel(self, decomposition: Decomposition) -> Parallel:
+        """How the local CNNs of ``decomposition`` are spread over this run's processes (``cfg.train.parallel``)."""
+        n = decomposition.num_subdomains
+        if n not in self._parallel:
+            self._parallel[n] = Parallel(self.dist, n, self.cfg.train.parallel)
+        return self._parallel[n]
+
+    def loader(
+        self,
+        split: str,
+        train: bool = False,
+        seed: int | None = None,
+        drop_last: bool | None = None,
+        parallel: Parallel | None = None,
+    ):
+        """Batches of ``split``; with ``parallel``, this process's share of each (training) batch."""
+        data = self.data
+        batch_size = self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size
+        return make_loader(
+            getattr(data, split),
+            batch_size=parallel.batch_size(batch_size) if parallel else batch_size,
+            train=train,
+            cfg=self.cfg.data,
+            mean=data.mean,
+            std=data.std,
+            device=self.device,
+            seed=self.cfg.train.seed if seed is None else seed,
+            shard=parallel.shard if parallel else (0, 1),
+            drop_last=drop_last,
+        )
+
+    def decomposition(self, grid: tuple[int, ...] | None = None) -> Decomposition:
+        """The decomposition of this data set's images by ``grid`` (default: the configured one)."""
+        grid = self.cfg.model.grid if grid is None else grid
+        if math.prod(grid) == 1:  # the global CNN, whatever the number of axes
+            return Decomposition((1,) * self.data.spatial_dims, self.data.image_shape, 0)
+        return Decomposition(grid, self.data.image_shape, self.cfg.model.overlap)
+
+    def spec(
+        self, kind: str, decomposition: Decomposition, aggregator: str | None = None, **provenance: Any
+    ) -> ModelSpec:
+        """The spec of a model of this experiment on ``decomposition``, to be written into its checkpoints:
+        ``kind`` ``local_cnns`` or ``cnn_dnn`` (with ``aggregator``, its options from the configuration);
+        ``provenance``: ``method``, ``local_checkpoint``."""
+        m = self.cfg.model
+        return ModelSpec(
+            kind=kind,
+            backbone=m.backbone,
+            width=m.width,
+            grid=decomposition.grid,
+            overlap=decomposition.overlap,
+            image_shape=decomposition.image_shape,
+            in_channels=self.data.in_channels,
+            num_classes=self.data.num_classes,
+            class_names=tuple(self.data.class_names),
+            mean=tuple(self.data.mean),
+            std=tuple(self.data.std),
+            aggregator=aggregator,
+            aggregator_options=aggregator_options(aggregator, m) if aggregator else {},
+            dataset=self.data.name,
+            **provenance,
+        )
+
+    def with_data(self, **splits: ImageSet) -> Experiment:
+        """This experiment on other train/val/test images (same classes, statistics and run folder)."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **splits))
+
+
+@dataclass
+class MethodResult:
+    """One trained model's numbers, one row of a comparison.
+
+    ``train_seconds`` is the time of this method's own phase; for methods built on pretrained local CNNs
+    (aggregators, transfer) ``extra["total_train_seconds"]`` adds the phases they start from.
+    """
+
+    method: str
+    grid: str
+    test: ClassificationReport
+    val_accuracy: float
+    parameters: int
+    train_seconds: float
+    images_per_second: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, **more: Any) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "grid": self.grid,
+            "test_accuracy": self.test.accuracy,
+            "test_balanced_accuracy": self.test.balanced_accuracy,
+            "test_auc": self.test.auc,
+            "val_accuracy": self.val_accuracy,
+            "parameters": self.parameters,
+            "train_seconds": self.train_seconds,
+            "images_per_second": self.images_per_second,
+            **self.extra,
+            **more,
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The parameters of ``model`` (of the whole model, where it is one process's share)."""
+    return sum_over_whole_model(model, lambda p: p.numel())
+
+
+def communication_per_step(model: nn.Module, model_parallel_bytes: int) -> dict[str, int]:
+    """What training ``model`` communicates per step: ``model_parallel_bytes`` in model parallelism (at most one
+    process per subdomain), and the parameters' bytes in data parallelism, the baseline (docs/distributed.md)."""
+    return {
+        "model_parallel_bytes_per_step": model_parallel_bytes,
+        "data_parallel_bytes_per_step": data_parallel_bytes_per_step(model),
+    }
+
+
+def checkpoint_finished(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint of a completed phase (its ``finished`` flag)."""
+    return path.is_file() and bool(load_checkpoint(path).get("finished"))
+
+
+def build_local_cnns(exp: Experiment, decomposition: Decomposition) -> LocalCNNs:
+    m = exp.cfg.model
+    local_cnns = LocalCNNs(m.backbone, decomposition, exp.data.in_channels, exp.data.num_classes, m.width)
+    return local_cnns.to(exp.device, compute_dtype(exp.cfg.train))
+
+
+def build_aggregator(exp: Experiment, name: str, decomposition: Decomposition) -> Aggregator:
+    options = aggregator_options(name, exp.cfg.model)
+    aggregator = create_aggregator(name, decomposition.num_subdomains, exp.data.num_classes, **options)
+    return aggregator.to(exp.device, compute_dtype(exp.cfg.train))
+
+
+def fit_phase(
+    exp: Experiment, model: nn.Module, name: str, epochs: int, spec: ModelSpec, parallel: Parallel,
+    epoch_end: EpochEnd | None = None,
+) -> FitResult:
+    """Train ``model`` (this process's share, per ``parallel``) on the experiment's images with checkpoints
+    ``<name>.pt`` (holding ``spec``) and log ``<name>_log.csv``; ``epoch_end``: see
+    :class:`~ddcnn.train.engine.Trainer`."""
+    log.info("%s: %s parameters, %d epochs", name, f"{count_parameters(model):,}", epochs)
+    if exp.dist.distributed:
+        log.info("%s: %s", name, parallel)
+    checkpoint = exp.run_dir / f"{name}.pt"
+    trainer = Trainer(
+        model,
+        exp.cfg.train,
+        exp.device,
+        epochs,
+        checkpoint=checkpoint,
+        log_csv=exp.run_dir / f"{name}_log.csv",
+        spec=spec.to_dict(),
+        config=config_to_dict(exp.cfg),
+        desc=name,
+        save=exp.dist.is_primary,
+        parallel=parallel,
+        epoch_end=epoch_end,
+        callbacks=exp.callbacks,
+        check_resumed=lambda state: check_resume(state.get("config"), exp.cfg, name, checkpoint),
+    )
+    return trainer.fit(exp.loader("train", train=True, parallel=parallel), exp.loader("val"), resume=exp.cfg.resume)
+
+
+def local_epochs(exp: Experiment) -> int:
+    return exp.cfg.local_epochs or exp.cfg.train.epochs
+
+
+def method_report(result: EvalResult) -> ClassificationReport:
+    probs = result.probabilities
+    if probs.dim() == 3:  # local CNNs: the report of their mean probability (per-subdomain numbers kept apart)
+        probs = probs.mean(1)
+    return classification_report(result.labels, probs, loss=result.loss)
+
+
+def checkpoint_in(source: str | Path, stem: str) -> Path:
+    """``source`` itself if it is a file, else ``source/<stem>.pt``."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / f"{stem}.pt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path.parent} holds no {stem}.pt; pass a run folder of that phase or its checkpoint"
+            )
+    return path
