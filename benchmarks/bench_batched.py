@@ -34,7 +34,7 @@ from common import (
 )
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import LocalCNNs, create_model
-from ddcnn.train.engine import build_optimizer
+from ddcnn.train.optim import build_optimizer
 
 NAME = "batched"
 GOAL_SUBDOMAINS, GOAL_SPEEDUP = 16, 2.0

@@ -36,7 +36,8 @@ from ddcnn.config import TrainConfig
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import LocalCNNs
 from ddcnn.runtime import autocast
-from ddcnn.train.engine import Trainer, classification_loss
+from ddcnn.train.engine import Trainer
+from ddcnn.train.evaluation import classification_loss
 
 NAME = "compile"
 BUDGET = 60.0  # seconds of timed rounds per configuration and measure
@@ -50,7 +51,7 @@ def trainer_step(
     """``step(x, y)``: one training step as the Trainer of ``TrainConfig(compile=compile)`` takes it."""
     cfg = TrainConfig(compile=compile, progress=False, amp=settings.cuda)
     trainer = Trainer(model.to(settings.device).train(), cfg, settings.device, epochs=1)
-    forward, optimizer = trainer._forward, trainer.optimizer  # what _train_epoch steps with
+    forward, optimizer = trainer._forward, trainer.optimizer  # what Trainer._step steps with
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast(cfg, settings.device):

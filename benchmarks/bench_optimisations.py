@@ -36,7 +36,7 @@ from common import (
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import LocalCNNs
 from ddcnn.models.layers import AdaptiveAvgPool2d, SmallMapConv
-from ddcnn.train.engine import build_optimizer
+from ddcnn.train.optim import build_optimizer
 
 NAME = "optimisations"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import CIFAR10, Goal, Result, Settings, fmt_ratio, ratio, run_processes
 from ddcnn.config import format_grid
-from ddcnn.train.engine import format_bytes
+from ddcnn.train.logs import format_bytes
 
 NAME = "parallel_efficiency"
 GOAL_EFFICIENCY = 0.9

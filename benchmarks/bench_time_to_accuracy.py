@@ -35,7 +35,7 @@ from ddcnn.models import LocalCNNs
 from ddcnn.models.aggregators import aggregator_options, create_aggregator
 from ddcnn.models.cnn_dnn import CNNDNN
 from ddcnn.models.layers import SmallMapConv
-from ddcnn.train.engine import format_bytes
+from ddcnn.train.logs import format_bytes
 
 NAME = "time_to_accuracy"
 GOAL_SPEEDUP = 1.5
@@ -46,20 +46,20 @@ BACKBONE, WIDTH = "vgg9", 0.5
 @dataclass(frozen=True)
 class Plan:
     """How much to train: ``train_images`` of CIFAR-10's training images (stratified), at most ``epochs`` epochs (the
-    schedule's length), until the test accuracy reaches ``target``; ``dnn_epochs`` for the aggregator."""
+    schedule's length), until the test accuracy reaches ``target``; ``aggregator_epochs`` for the aggregator."""
 
     train_images: int
     epochs: int
     target: float
-    dnn_epochs: int
+    aggregator_epochs: int
 
 
 # The target: the study's CNN-DNN 2x2 on the same 10,000 images reached 58.6% test accuracy after a 6-epoch local
 # phase (study/cifar10_vgg9.yaml, seed 0) and its global CNN 56% (validation) after 3 epochs, so both should
-# pass 55% within 10 epochs; 60% is near the CNN-DNN's plateau at this budget. dnn_epochs: ddcnn's default (the
+# pass 55% within 10 epochs; 60% is near the CNN-DNN's plateau at this budget. aggregator_epochs: ddcnn's default (the
 # training epochs). Recalibrate with `python benchmarks/bench_time_to_accuracy.py --target T --epochs E`.
-FULL = Plan(train_images=10_000, epochs=10, target=0.55, dnn_epochs=10)
-QUICK = Plan(train_images=2_000, epochs=2, target=0.20, dnn_epochs=2)
+FULL = Plan(train_images=10_000, epochs=10, target=0.55, aggregator_epochs=10)
+QUICK = Plan(train_images=2_000, epochs=2, target=0.20, aggregator_epochs=2)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def run_config(candidate: Candidate, plan: Plan, out: Path) -> RunConfig:
     flips), 2% of the training images for validation (only logged: the test split is what is measured), ddcnn's
     default optimiser, schedule and batch."""
     return RunConfig(
-        method="global" if candidate.grid == (1, 1) else "cnn_dnn",
+        method="global" if candidate.grid == (1, 1) else "aggregation",
         out=str(out),
         data=DataConfig(dataset=CIFAR10, limit_train=plan.train_images, crop_padding=4, flip=True, val_fraction=0.02),
         model=model_config(candidate.grid),
@@ -136,7 +136,7 @@ def run_config(candidate: Candidate, plan: Plan, out: Path) -> RunConfig:
             epochs=plan.epochs, device="cpu", threads=candidate.threads, parallel=candidate.parallel, progress=False,
             dist_timeout=10.0,  # minutes: a stuck process fails the benchmark instead of blocking it for long
         ),
-        dnn_epochs=plan.dnn_epochs,
+        aggregator_epochs=plan.aggregator_epochs,
     )
 
 
@@ -166,7 +166,7 @@ def forward_flops_per_image(grid: tuple[int, int]) -> float:
     model: torch.nn.Module = local_cnns
     if grid != (1, 1):
         options = aggregator_options(m.aggregator, m)
-        aggregator = create_aggregator(m.aggregator, local_cnns.num_subdomains, NUM_CLASSES, **options)
+        aggregator = create_aggregator(m.aggregator, local_cnns.decomposition.num_subdomains, NUM_CLASSES, **options)
         model = CNNDNN(local_cnns, aggregator)
     x = torch.randn(2, *CIFAR_SHAPE)
     with attribute(SmallMapConv, "enabled", False):
@@ -206,7 +206,7 @@ def _notes(runs: dict[Candidate, dict[str, Any]], plan: Plan) -> list[str]:
             f"{first['train_images']:,} training images (stratified); test accuracy on all {first['test_images']:,} "
             f"test images after every epoch; a schedule of {plan.epochs} epochs ({train.schedule}, {train.optimizer}, "
             f"lr {train.lr}, batch {data.batch_size}), stopped at the first epoch reaching {plan.target:.0%}; the dnn "
-            f"aggregator trained {plan.dnn_epochs} epochs after every local epoch. Time to target: training time up "
+            f"aggregator trained {plan.aggregator_epochs} epochs after every local epoch. Time to target: training time up "
             "to that epoch (+ the aggregation phase at that epoch for the CNN-DNN); start-up, data loading and "
             "evaluation are not counted. One run per configuration."
         ),

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ddcnn.config import TrainConfig
-from ddcnn.train.engine import build_optimizer, classification_loss
+from ddcnn.train.evaluation import classification_loss
+from ddcnn.train.optim import build_optimizer
 
 CIFAR_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
@@ -101,7 +102,7 @@ def make_train_step(
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """``step(x, y)``: forward, the engine's loss, backward and optimiser step for one batch.
 
-    ``optimizer`` defaults to the one the trainer builds (:func:`ddcnn.train.engine.build_optimizer`).
+    ``optimizer`` defaults to the one the trainer builds (:func:`ddcnn.train.optim.build_optimizer`).
     """
     model.train()
     opt = optimizer or build_optimizer(model.named_parameters(), train_config())

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
+from ddcnn.checkpoint import rng_state, set_rng_state
 from ddcnn.config import RunConfig, config_from_dict
 from ddcnn.distributed import distributed_session
 from ddcnn.phases import Experiment, aggregation_phase, count_parameters, train_local_cnns
-from ddcnn.checkpoint import rng_state, set_rng_state
-from ddcnn.train.engine import Trainer, evaluate
+from ddcnn.train.engine import Trainer
+from ddcnn.train.evaluation import evaluate
 
 
 def global_cnn(exp: Experiment, target: float) -> tuple[list[dict[str, Any]], int]:

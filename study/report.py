@@ -24,15 +24,9 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-from ddcnn.compare import (  # noqa: E402
-    CompareConfig,
-    mean_std_cell,
-    methods_by_grids,
-    per_seed,
-    results_markdown,
-    summarize,
-)
+from ddcnn.compare import CompareConfig  # noqa: E402
 from ddcnn.config import config_from_dict, grid_order, load_yaml  # noqa: E402
+from ddcnn.tables import mean_std_cell, methods_by_grids, per_seed, results_markdown, summarize  # noqa: E402
 
 TABLES = (
     "cifar10_vgg9",

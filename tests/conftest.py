@@ -58,7 +58,7 @@ def tiny_run(tiny_data_config):
     def make(out: Path, **changes) -> RunConfig:
         model = ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))
         train = TrainConfig(epochs=1, progress=False, threads=None)
-        cfg = RunConfig(out=str(out), data=tiny_data_config, model=model, train=train, dnn_epochs=3)
+        cfg = RunConfig(out=str(out), data=tiny_data_config, model=model, train=train, aggregator_epochs=3)
         for key, value in changes.items():
             section, _, field = key.rpartition("__")  # model__grid=(4, 4) sets cfg.model.grid
             setattr(getattr(cfg, section) if section else cfg, field, value)

@@ -197,7 +197,7 @@ def test_options_are_grouped_by_what_they_mean_to_a_user():
             assert groups[flag] == "output", flag
         for flag in ("--parallel", "--dist-timeout"):
             assert groups[flag] == "distributed", flag
-        for flag in ("--aggregator", "--dnn-hidden", "--dnn-epochs", "--aggregator-inputs", "--crossfit-folds",
+        for flag in ("--aggregator", "--dnn-hidden", "--aggregator-epochs", "--aggregator-inputs", "--crossfit-folds",
                      "--augmented-passes", "--transfer-aggregator"):
             assert groups[flag] == "aggregation", flag
         assert groups["--dataset"] == "data" and groups["--lr"] == "training" and groups["--device"] == "device"
@@ -246,3 +246,37 @@ def test_compare_warns_once_about_each_option_no_phase_reads(tmp_path, caplog, m
     warnings = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
     assert len(ran) == 1 and len(warnings) == 2, warnings
     assert any("--transfer-aggregator" in w for w in warnings) and any("--coherent-epochs" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragment",
+    [
+        ("data: 5\n", "config section 'data' must be a mapping"),
+        ("epochs: true\n", "config key 'train.epochs' must be int, got True"),
+        ("model:\n  width: -1\n", "width must be a positive multiplier, got -1.0"),
+        ("epochs: -2\n", "epochs must be at least 1, got -2"),
+        ("train: [1, 2]\n", "config section 'train' must be a mapping"),
+        ("lr: .nan\n", "lr must be a positive learning rate"),
+        ("batch_size: 0\n", "batch_size must be at least 1"),
+    ],
+)
+def test_bad_yaml_values_are_one_line_before_anything_is_written(tmp_path, capsys, yaml_text, fragment):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    _fails(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run")], fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--method", "local", "--epochs", "0"], "epochs must be at least 1, got 0"),
+        (["--width", "-0.5"], "width must be a positive multiplier"),
+        (["--local-epochs", "0", "--method", "local"], "local_epochs must be at least 1"),
+        (["--aggregator", "nope", "--method", "aggregation"], "unknown aggregator 'nope'"),
+        (["--backbone", "nope"], "unknown backbone 'nope'"),
+    ],
+)
+def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, fragment):
+    _fails(capsys, ["train", *flags, "--out", str(tmp_path / "run")], fragment)
+    assert not (tmp_path / "run").exists()

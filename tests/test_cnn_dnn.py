@@ -11,7 +11,7 @@ from ddcnn.models.cnn_dnn import CNNDNN
 from ddcnn.models.layers import split_state_dict
 from ddcnn.models.spec import ModelSpec
 from ddcnn.train import Trainer, save_checkpoint
-from ddcnn.train.engine import classification_loss
+from ddcnn.train.evaluation import classification_loss
 
 CPU = torch.device("cpu")
 SHAPE = (16, 16)

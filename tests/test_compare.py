@@ -17,7 +17,7 @@ ROW_KEYS = {
 
 def tiny_compare(out, data: DataConfig, **changes) -> CompareConfig:
     cfg = CompareConfig(
-        out=str(out), grids=("2x2",), seeds=(0,), epochs=1, local_epochs=1, dnn_epochs=2, data=data,
+        out=str(out), grids=("2x2",), seeds=(0,), epochs=1, local_epochs=1, aggregator_epochs=2, data=data,
         model=ModelConfig(backbone="vgg3", width=0.25, dnn_hidden=(16,)), train=TrainConfig(progress=False),
     )
     return replace(cfg, **changes)
@@ -93,7 +93,7 @@ def test_compare_flags_keep_the_compare_defaults_of_the_sections():
     assert cfg.model.backbone == CompareConfig().model.backbone and cfg.model.width == 0.25
     assert cfg.grids == ("2x2", "4x4") and cfg.seeds == (0, 1)
     # --epochs scales the phases without their own value: local pretraining twice as long, the cheap DNN 5x
-    assert [cfg.phase_epochs(p) for p in ("global", "local", "dnn", "coherent")] == [2, 4, 10, 5]
+    assert [cfg.phase_epochs(p) for p in ("global", "local", "aggregator", "coherent")] == [2, 4, 10, 5]
 
 
 def test_compare_refuses_unknown_methods_and_bad_grids(tmp_path):

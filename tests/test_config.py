@@ -148,7 +148,7 @@ def test_options_are_grouped_by_what_they_mean():
     expected = {
         "output": {"out", "resume", "progress", "checkpoint_every"},
         "distributed": {"parallel", "dist_timeout"},
-        "aggregation": {"aggregator", "dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm", "dnn_epochs",
+        "aggregation": {"aggregator", "dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm", "aggregator_epochs",
                         "aggregator_inputs", "crossfit_folds", "augmented_passes", "transfer_aggregator"},
         "model": {"method", "backbone", "width", "grid", "overlap", "pretrained"},
         "device": {"device", "channels_last", "amp", "compile", "threads", "dtype"},
@@ -158,7 +158,7 @@ def test_options_are_grouped_by_what_they_mean():
     assert {"dataset", "image_size", "augment", "val_fraction"} <= {n for n, g in groups.items() if g == "data"}
     assert {"epochs", "lr", "optimizer", "seed", "local_epochs"} <= {n for n, g in groups.items() if g == "training"}
     compare = _groups(CompareConfig)
-    assert compare["grids"] == compare["methods"] == "model" and compare["dnn_epochs"] == "aggregation"
+    assert compare["grids"] == compare["methods"] == "model" and compare["aggregator_epochs"] == "aggregation"
 
 
 def test_option_refuses_an_unknown_group():
@@ -214,10 +214,10 @@ def _warnings(**changes):
          "no aggregator"),
         ({"method": "coherent", "crossfit_folds": 5}, "--crossfit-folds has no effect"),
         ({"method": "global", "augmented_passes": 5}, "--augmented-passes has no effect"),
-        ({"method": "cnn_dnn", "crossfit_folds": 5}, "--crossfit-folds has no effect with --aggregator-inputs train"),
-        ({"method": "cnn_dnn", "model__aggregator": "mean", "dnn_epochs": 3}, "--dnn-epochs has no effect: "
+        ({"method": "aggregation", "crossfit_folds": 5}, "--crossfit-folds has no effect with --aggregator-inputs train"),
+        ({"method": "aggregation", "model__aggregator": "mean", "aggregator_epochs": 3}, "--aggregator-epochs has no effect: "
          "--aggregator mean is not trained"),
-        ({"method": "cnn_dnn", "model__aggregator": "linear", "model__dnn_hidden": (8,)}, "--dnn-hidden has no "
+        ({"method": "aggregation", "model__aggregator": "linear", "model__dnn_hidden": (8,)}, "--dnn-hidden has no "
          "effect with --aggregator linear"),
         ({"method": "local", "model__aggregator": "mean"}, "--aggregator has no effect with --method local"),
         ({"method": "coherent", "transfer_aggregator": True}, "--transfer-aggregator has no effect with --method "
@@ -225,7 +225,7 @@ def _warnings(**changes):
         ({"method": "transfer", "transfer_aggregator": True, "model__aggregator": "vote"}, "it learns nothing"),
         ({"method": "transfer", "aggregator_inputs": "val"}, "--aggregator-inputs has no effect"),
         ({"method": "coherent", "local_epochs": 3}, "--local-epochs has no effect with --method coherent"),
-        ({"method": "cnn_dnn", "pretrained": "runs/x", "local_epochs": 3}, "--local-epochs has no effect with "
+        ({"method": "aggregation", "pretrained": "runs/x", "local_epochs": 3}, "--local-epochs has no effect with "
          "--pretrained"),
         ({"data__augment": False, "data__flip": True}, "--flip has no effect with --no-augment"),
         ({"train__schedule": "constant", "train__warmup_fraction": 0.5}, "--warmup-fraction has no effect"),
@@ -243,10 +243,10 @@ def test_options_that_do_not_apply_are_named(changes, fragment):
     [
         {},
         {"method": "local", "model__grid": (2, 2), "model__overlap": 2, "local_epochs": 3},
-        {"method": "cnn_dnn", "model__grid": (2, 2), "aggregator_inputs": "crossfit", "crossfit_folds": 5,
-         "dnn_epochs": 3, "local_epochs": 2, "pretrained": "runs/x"},  # crossfit trains local phases of its own
-        {"method": "cnn_dnn", "aggregator_inputs": "augmented", "augmented_passes": 4},
-        {"method": "transfer", "transfer_aggregator": True, "dnn_epochs": 3, "aggregator_inputs": "val"},
+        {"method": "aggregation", "model__grid": (2, 2), "aggregator_inputs": "crossfit", "crossfit_folds": 5,
+         "aggregator_epochs": 3, "local_epochs": 2, "pretrained": "runs/x"},  # crossfit trains local phases of its own
+        {"method": "aggregation", "aggregator_inputs": "augmented", "augmented_passes": 4},
+        {"method": "transfer", "transfer_aggregator": True, "aggregator_epochs": 3, "aggregator_inputs": "val"},
         {"method": "coherent", "model__aggregator": "linear"},
         {"data__dataset": "imagefolder:x", "data__image_size": 64},
         {"data__dataset": "cifar10", "data__image_size": 64},  # an image tree in the cache may be resized
@@ -288,7 +288,7 @@ def test_compare_names_the_options_no_phase_reads(changes, fragment):
 
 def test_compare_defaults_and_the_study_configs_give_no_warning():
     assert CompareConfig().inapplicable_options() == []
-    cc = CompareConfig(methods=("local", "transfer"), transfer_aggregator=True, dnn_epochs=3)
+    cc = CompareConfig(methods=("local", "transfer"), transfer_aggregator=True, aggregator_epochs=3)
     assert cc.inapplicable_options() == []  # transfer's aggregation phase trains the dnn
     args = get_args_parser().parse_args(["compare"])
     for path in sorted(STUDY.glob("*.yaml")):

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ddcnn.config import DataConfig
-from ddcnn.data import cache, imagefolder, load_dataset
+from ddcnn.data import cache, imagefolder, load_dataset, manifest
 from ddcnn.data.loader import _MemmapBatches
 from ddcnn.errors import CacheNotWritableError, DatasetError, DiskFullError
 
@@ -100,12 +100,12 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
 def test_entry_records_every_file_size_and_sha256(cfg, tmp_path, decoded, caplog):
     first = load_dataset(cfg)
     entry = only_entry(tmp_path / "cache" / "imagefolder")
-    files = json.loads((entry / cache.MANIFEST).read_text())["files"]
+    files = json.loads((entry / manifest.MANIFEST).read_text())["files"]
     assert sorted(files) == ["meta.json", "train_images.npy", "train_labels.npy"]
     for name, record in files.items():
         content = (entry / name).read_bytes()
         assert (record["size"], record["sha256"]) == (len(content), hashlib.sha256(content).hexdigest())
-    assert cache.entry_problem(entry) is None
+    assert manifest.entry_problem(entry) is None
     assert temporaries(tmp_path / "cache") == []
     with caplog.at_level(logging.WARNING):
         again = load_dataset(cfg)  # an intact entry is read: not decoded again, no warning
@@ -136,8 +136,8 @@ DAMAGE = {
     "edited": (_flip_a_byte, "train_images.npy does not match the sha256"),
     "zeroed": (_zero, "train_images.npy does not match the sha256"),
     "meta.json removed": (lambda entry: (entry / "meta.json").unlink(), "meta.json is missing"),
-    "manifest removed": (lambda entry: (entry / cache.MANIFEST).unlink(), f"has no {cache.MANIFEST}"),
-    "manifest garbled": (lambda entry: (entry / cache.MANIFEST).write_text("{"), "cannot be read"),
+    "manifest removed": (lambda entry: (entry / manifest.MANIFEST).unlink(), f"has no {manifest.MANIFEST}"),
+    "manifest garbled": (lambda entry: (entry / manifest.MANIFEST).write_text("{"), "cannot be read"),
     "file added": (lambda entry: (entry / "x.npy").write_bytes(b"x"), "x.npy was added"),
 }
 
@@ -155,7 +155,7 @@ def test_a_damaged_entry_is_named_removed_and_rebuilt_never_read(damage, cfg, tm
     assert len(warnings) == 1 and str(entry) in warnings[0] and problem in warnings[0]
     assert len(decoded) == 2 * 8  # decoded again from the source
     assert torch.equal(all_images(again), expected)
-    assert cache.entry_problem(entry) is None and temporaries(tmp_path / "cache") == []
+    assert manifest.entry_problem(entry) is None and temporaries(tmp_path / "cache") == []
 
 
 def test_streamed_split_entry_is_checked_too(make_npz, tmp_path, caplog):
@@ -187,10 +187,10 @@ def test_extracted_archive_entry_is_checked_too(tree, tmp_path, caplog):
 
 
 def test_large_entries_hash_only_files_whose_stamp_changed(cfg, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(cache, "FULL_CHECK_BYTES", 0)
+    monkeypatch.setattr(manifest, "FULL_CHECK_BYTES", 0)
     hashed: list[Path] = []
-    real_sha256 = cache._sha256
-    monkeypatch.setattr(cache, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    real_sha256 = manifest._sha256
+    monkeypatch.setattr(manifest, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
     expected = all_images(load_dataset(cfg))
     entry = only_entry(tmp_path / "cache" / "imagefolder")
     hashed.clear()
@@ -368,7 +368,7 @@ def test_a_writing_run_holds_its_lock_and_leaves_it_out_of_the_entry(tmp_path):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
-    assert sorted(p.name for p in final.iterdir()) == [cache.MANIFEST, "x.npy"]
+    assert sorted(p.name for p in final.iterdir()) == [manifest.MANIFEST, "x.npy"]
     assert cache.verified_entry(final) and temporaries(tmp_path) == []
 
 

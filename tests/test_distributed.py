@@ -39,9 +39,10 @@ from ddcnn.errors import ConfigError, DistributedError
 from ddcnn.models import LocalCNNs
 from ddcnn.models.aggregators import create_aggregator
 from ddcnn.train import load_checkpoint
+from ddcnn.train.evaluation import classification_loss
+from ddcnn.train.optim import build_optimizer
 
 from conftest import one_phase_results
-from ddcnn.train.engine import build_optimizer, classification_loss
 
 B, K = 6, 3
 DECOMPOSITION = Decomposition((2, 2), (12, 12))
@@ -123,6 +124,43 @@ def test_one_process_parallel_is_the_identity():
     assert parallel.subdomain_gather() is None and parallel.shard == (0, 1) and parallel.batch_size(16) == 16
     loss, accuracy = parallel.reduce_metrics(1.5, torch.tensor([0.5, 1.0]))
     assert loss == 1.5 and accuracy.tolist() == [0.5, 1.0] and parallel.communication.total == 0
+
+
+def test_one_process_collectives_of_training_change_nothing():
+    """The Trainer calls every collective unconditionally: with one process each must leave every number as it is
+    (clipping as ``nn.utils.clip_grad_norm_`` does) and move nothing."""
+    parallel = Parallel.single(4, device="cpu")
+    assert (parallel.ctx, parallel.subdomains, parallel.group) == (DistContext(), (0, 1, 2, 3), (0,))
+    torch.manual_seed(0)
+    model = LocalCNNs("vgg3", DECOMPOSITION, 1, K, width=0.25)
+    twin = LocalCNNs("vgg3", DECOMPOSITION, 1, K, width=0.25)
+    twin.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model.named_parameters(), TrainConfig())
+    x, y = torch.randn(B, 1, 12, 12), torch.randint(0, K, (B,))
+    for m in (model, twin):
+        classification_loss(m(x), y).backward()
+    params, twin_params = list(model.parameters()), list(twin.parameters())
+    grads = [p.grad.clone() for p in params]
+    buffers = [b.clone() for b in model.buffers()]
+
+    parallel.sync_gradients(params)
+    parallel.sync_buffers(model)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers))
+    parallel.clip_grad_norm_(model, params, 0.01)  # small enough to clip
+    torch.nn.utils.clip_grad_norm_(twin_params, 0.01)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, twin_params))
+    assert not all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+    accuracy = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    for acc in (accuracy, accuracy.mean()):
+        loss, reduced = parallel.reduce_metrics(1.2345678901234567, acc)
+        assert loss == 1.2345678901234567 and reduced is acc
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "partial": {"seen": 3}}
+    assert parallel.gather_state(state, model, optimizer) is state
+    assert parallel.local_state(state, model, optimizer) is state  # a mid-epoch checkpoint keeps its sums
+    parallel.ctx.barrier()
+    assert parallel.communication.total == 0
 
 
 def test_data_parallel_shares_split_the_batch():

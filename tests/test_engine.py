@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from ddcnn.config import DataConfig, TrainConfig
 from ddcnn.data import ImageSet, make_loader
 from ddcnn.decomposition import Decomposition
+from ddcnn.distributed import DistContext, Parallel
 from ddcnn.errors import CheckpointError, TrainingDivergedError
 from ddcnn.models import LocalCNNs
 from ddcnn.train import Trainer, TrainingInterrupted, classification_loss, evaluate, load_checkpoint
-from ddcnn.train.engine import build_scheduler
+from ddcnn.train.optim import build_scheduler
 
 CPU = torch.device("cpu")
 
@@ -111,6 +112,23 @@ def test_epoch_end_sees_every_epoch_and_can_end_training(tmp_path):
     everything = _trainer(tmp_path / "all", epochs=3)
     everything.epoch_end = lambda trainer, row: None  # returning nothing trains every epoch
     assert len(everything.fit(_loader(data, True)).history) == 3
+
+
+def test_one_process_trains_on_the_single_process_parallel(tmp_path):
+    """Without a ``parallel``, the Trainer gets a 1-process one; the phases pass theirs (N subdomains, one
+    process): both train the same numbers, and communicate nothing."""
+    data = _images()
+    default = _trainer(tmp_path / "default", epochs=2, grad_clip=0.5)
+    assert default.parallel.ctx == DistContext() and not default.parallel.sharded
+    placed = _trainer(tmp_path / "placed", epochs=2, grad_clip=0.5)
+    placed.parallel = Parallel(DistContext(), 4)
+    runs = [trainer.fit(_loader(data, True), _loader(data, False)).history for trainer in (default, placed)]
+    timing = {"seconds", "images_per_second"}
+    numbers = [[{k: v for k, v in row.items() if k not in timing} for row in run] for run in runs]
+    assert numbers[0] == numbers[1]
+    assert all(row["comm_bytes_per_step"] == row["comm_bytes_per_epoch"] == 0 for row in runs[0])
+    for name, value in default.model.state_dict().items():
+        assert torch.equal(value, placed.model.state_dict()[name]), name
 
 
 def test_divergence_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path):

@@ -50,7 +50,7 @@ def test_every_method_trains_and_writes_a_loadable_checkpoint(tmp_path, tiny_run
     assert ModelSpec.from_dict(state["spec"]).to_dict() == state["spec"] and spec.method == result.method
     assert {k: v.shape for k, v in spec.build().state_dict().items()} == {k: v.shape for k, v in state["model"].items()}
     model = model_from_checkpoint(state, path)
-    assert isinstance(model, CNNDNN if method in ("cnn_dnn", "coherent", "transfer") else LocalCNNs)
+    assert isinstance(model, CNNDNN if method in ("aggregation", "coherent", "transfer") else LocalCNNs)
     assert spec.kind == ("cnn_dnn" if isinstance(model, CNNDNN) else "local_cnns") and not model.training
     not_in_the_model = ("class_names", "mean", "std", "aggregator_options", "method", "dataset", "local_checkpoint")
     assert spec == ModelSpec.of(model, **{k: getattr(spec, k) for k in not_in_the_model})

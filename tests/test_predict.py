@@ -21,7 +21,7 @@ def trained(tiny_data_config, tmp_path_factory):
     from ddcnn.config import ModelConfig, RunConfig, TrainConfig
 
     folders = {}
-    for method in ("global", "cnn_dnn"):
+    for method in ("global", "aggregation"):
         out = tmp_path_factory.mktemp(method)
         run(RunConfig(method=method, out=str(out), data=tiny_data_config, train=TrainConfig(epochs=1, progress=False),
                       model=ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))))
@@ -33,7 +33,7 @@ def trained(tiny_data_config, tmp_path_factory):
 def test_images(trained, tiny_data_config, tmp_path_factory):
     """The first test images as PNG files, and the same images as the data loader feeds them."""
     folder = tmp_path_factory.mktemp("images")
-    cfg = load_checkpoint(trained["cnn_dnn"] / "dnn.pt")["config"]
+    cfg = load_checkpoint(trained["aggregation"] / "dnn.pt")["config"]
     from ddcnn.config import RunConfig, config_from_dict
 
     exp = Experiment.from_config(config_from_dict(RunConfig, cfg))
@@ -48,11 +48,11 @@ def test_images(trained, tiny_data_config, tmp_path_factory):
 
 def test_predict_matches_the_model_on_its_own_data(trained, test_images):
     paths, x = test_images
-    state = load_checkpoint(trained["cnn_dnn"] / "dnn.pt")
+    state = load_checkpoint(trained["aggregation"] / "dnn.pt")
     model = model_from_checkpoint(state)
     with torch.no_grad():
         scores, local = model.forward_with_local(x)
-    predictions = predict(trained["cnn_dnn"], paths, device="cpu")
+    predictions = predict(trained["aggregation"], paths, device="cpu")
     assert [p.path for p in predictions] == [str(p) for p in paths]
     for i, p in enumerate(predictions):
         probabilities = scores[i].softmax(-1)
@@ -65,7 +65,7 @@ def test_predict_matches_the_model_on_its_own_data(trained, test_images):
 
 def test_predict_command_prints_class_and_subdomain_votes(trained, test_images, capsys):
     paths, _ = test_images
-    assert main(["predict", "--checkpoint", str(trained["cnn_dnn"]), *map(str, paths[:2]), "--device", "cpu"]) == 0
+    assert main(["predict", "--checkpoint", str(trained["aggregation"]), *map(str, paths[:2]), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 * 5  # per image: the prediction and 4 subdomain votes
     assert lines[0].startswith(f"{paths[0]}: ") and "(probability " in lines[0]
@@ -80,7 +80,7 @@ def test_predict_converts_mode_and_size_like_the_training_data(trained, tmp_path
     rgba = Image.new("RGBA", (40, 24), (200, 10, 10, 255))
     rgba.save(tmp_path / "color.png")
     np.save(tmp_path / "array.npy", np.random.default_rng(0).random((16, 16)))  # floats in [0, 1]
-    predictions = predict(trained["cnn_dnn"] / "dnn.pt", [tmp_path / "color.png", tmp_path / "array.npy"])
+    predictions = predict(trained["aggregation"] / "dnn.pt", [tmp_path / "color.png", tmp_path / "array.npy"])
     assert len(predictions) == 2 and all(len(p.subdomain_votes) == 4 for p in predictions)
 
 
@@ -97,10 +97,10 @@ def test_unreadable_files_are_one_line_errors(trained, tmp_path, capsys):
 
 
 def test_a_run_folder_with_several_checkpoints_needs_one_named(trained):
-    assert resolve_checkpoint(trained["cnn_dnn"]).name == "dnn.pt"  # results.json names the method
-    (trained["cnn_dnn"] / "results.json").unlink()
+    assert resolve_checkpoint(trained["aggregation"]).name == "dnn.pt"  # results.json names the method
+    (trained["aggregation"] / "results.json").unlink()
     with pytest.raises(CheckpointError, match=r"holds several checkpoints \(dnn.pt, local.pt\); pass one"):
-        resolve_checkpoint(trained["cnn_dnn"])
+        resolve_checkpoint(trained["aggregation"])
 
 
 def cli_error(capsys, argv: list[str]) -> str:

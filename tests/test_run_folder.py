@@ -81,7 +81,7 @@ def test_resume_takes_more_epochs_under_a_constant_schedule():
 
 def test_the_local_phase_is_compared_on_the_keys_it_depends_on():
     recorded = {"method": "local", "model": {"aggregator": "dnn", "grid": [2, 2]}}
-    aggregation = {"method": "cnn_dnn", "model": {"aggregator": "linear", "grid": [2, 2]}}
+    aggregation = {"method": "aggregation", "model": {"aggregator": "linear", "grid": [2, 2]}}
     assert resume_conflicts(recorded, aggregation, "local") == []
     assert resume_conflicts(recorded, aggregation, "coherent") == ["method", "model.aggregator"]
 
@@ -89,7 +89,7 @@ def test_the_local_phase_is_compared_on_the_keys_it_depends_on():
 def test_resume_of_a_phase_built_on_the_local_phase_checks_the_local_checkpoint(local_run):
     cfg, before = local_run
     aggregation = dataclasses.replace(
-        cfg, method="cnn_dnn", resume=True, model=dataclasses.replace(cfg.model, width=0.5)
+        cfg, method="aggregation", resume=True, model=dataclasses.replace(cfg.model, width=0.5)
     )
     with pytest.raises(ConfigError, match="model.width 0.25 -> 0.5"):
         run(aggregation)
@@ -238,7 +238,7 @@ def test_a_full_disk_ends_a_run_with_one_line_and_keeps_the_previous_results(tmp
 def test_a_later_phase_keeps_the_earlier_phases_results(local_run):
     cfg, _ = local_run
     out = Path(cfg.out)
-    run(dataclasses.replace(cfg, method="cnn_dnn", pretrained=str(out), model=dataclasses.replace(cfg.model,
+    run(dataclasses.replace(cfg, method="aggregation", pretrained=str(out), model=dataclasses.replace(cfg.model,
                                                                                                 aggregator="mean")))
     results = read_results(out)
     assert [row["method"] for row in results["rows"]] == ["local", "mean"]
@@ -259,3 +259,10 @@ def test_an_unreadable_results_json_is_set_aside_not_lost(tmp_path, caplog):
     assert read_results(tmp_path) == {"rows": [], "phases": {}}
     assert (tmp_path / "results.json.unreadable").read_text() == '{"rows": ['
     assert "could not be read" in caplog.text
+
+
+def test_a_configuration_of_the_first_release_resumes_under_today_s_names():
+    recorded = {"method": "cnn_dnn", "dnn_epochs": 3, "train": {"schedule": "onecycle"}}
+    current = {"method": "aggregation", "aggregator_epochs": 3, "crossfit_folds": 3, "train": {"schedule": "onecycle"}}
+    assert resume_conflicts(recorded, current, "dnn") == []  # renamed keys, and an option added since at its default
+    assert resume_conflicts(recorded, {**current, "crossfit_folds": 5}, "dnn") == ["crossfit_folds"]

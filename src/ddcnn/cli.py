@@ -39,7 +39,7 @@ from .errors import ConfigError, DDCNNError
 if typing.TYPE_CHECKING:
     from .train.callbacks import Callback
 
-log = logging.getLogger("ddcnn")
+log = logging.getLogger("ddcnn")  # the package's logger: the CLI gives it its handlers
 T = TypeVar("T")
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}

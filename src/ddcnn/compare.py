@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_write_text, ensure_writable_folder
 from .config import (
     DataConfig,
     ModelConfig,
@@ -43,19 +44,16 @@ from .data import DatasetSplits, load_dataset
 from .distributed import DistContext, primary_first
 from .errors import ConfigError, UnknownNameError
 from .methods import check_names
+from .models.aggregators import aggregator_class
 from .phases import Experiment, MethodResult, aggregation_phase, run_coherent, run_global, run_local, run_transfer
-from .models.aggregators import aggregator_class, list_aggregators
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
 from .run_folder import config_conflicts, run_folder_lock
+from .tables import AGGREGATORS, COMPARE_METHODS, results_markdown, summarize
 from .train.callbacks import Callback
-from .checkpoint import atomic_write_text, ensure_writable_folder
-from .train.engine import format_bytes
 
-log = logging.getLogger("ddcnn")
+log = logging.getLogger(__name__)
 
-AGGREGATORS = tuple(list_aggregators())
-COMPARE_METHODS = ("global", "local", *AGGREGATORS, "coherent", "transfer")
-PHASE_EPOCHS = {"global": 1, "local": 2, "dnn": 5, "coherent": 1}  # a phase's epochs per `epochs`, by default
+PHASE_EPOCHS = {"global": 1, "local": 2, "aggregator": 5, "coherent": 1}  # a phase's epochs per `epochs`, by default
 
 
 # RunConfig's options that CompareConfig has not: compare sets them for each phase (see _run_config)
@@ -97,7 +95,7 @@ class CompareConfig(SharedOptions):
         None, group="training", help="epochs of the local phase; unset: 2 x --epochs (the papers pretrain the local "
         "CNNs much longer)",
     )
-    dnn_epochs: int | None = option(
+    aggregator_epochs: int | None = option(
         None, group="aggregation", help="epochs of every trained aggregator; unset: 5 x --epochs (an epoch on N*K "
         "probabilities costs next to nothing)",
     )
@@ -122,7 +120,7 @@ class CompareConfig(SharedOptions):
             check(self.phase_epochs(phase) >= 1, f"{phase}_epochs", self.phase_epochs(phase), "at least 1")
 
     def phase_epochs(self, phase: str) -> int:
-        """Epochs of ``phase``: global, local, dnn (every trained aggregator) or coherent (and transfer)."""
+        """Epochs of ``phase``: global, local, aggregator (every trained aggregator) or coherent (and transfer)."""
         value = getattr(self, f"{phase}_epochs")
         return PHASE_EPOCHS[phase] * self.epochs if value is None else value
 
@@ -175,7 +173,7 @@ def _run_config(cc: CompareConfig, grid: str, seed: int, folder: Path, epochs: i
         model=replace(cc.model, grid=parse_grid(grid)),
         train=replace(cc.train, epochs=epochs, seed=seed),
         local_epochs=cc.phase_epochs("local"),
-        dnn_epochs=cc.phase_epochs("dnn"),
+        aggregator_epochs=cc.phase_epochs("aggregator"),
         pretrained=str(folder) if pretrained else None,
     )
 
@@ -242,7 +240,9 @@ def check_compare_resume(cc: CompareConfig) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} cannot be read, so --resume cannot check it continues the same comparison; "
                           "remove it (the finished phases' checkpoints stay) or compare into another --out") from None
-    conflicts = config_conflicts(recorded, config_to_dict(cc), ignored={"grids", "seeds", "methods"})
+    conflicts = config_conflicts(
+        recorded, config_to_dict(cc), ignored={"grids", "seeds", "methods"}, defaults=config_to_dict(CompareConfig())
+    )
     if conflicts:
         raise ConfigError(
             f"--resume of the comparison in {cc.out} with a changed configuration ({', '.join(conflicts)}); run "
@@ -289,7 +289,7 @@ def _compare(
                 record([run_local(phase(grid, seed, "local phase", cc.phase_epochs("local")))], seed)
             if aggregators:
                 name = f"aggregators {', '.join(aggregators)}"
-                exp = phase(grid, seed, name, cc.phase_epochs("dnn"), pretrained=True)
+                exp = phase(grid, seed, name, cc.phase_epochs("aggregator"), pretrained=True)
                 record(aggregation_phase(exp, aggregators), seed)
             if "coherent" in methods:
                 record([run_coherent(phase(grid, seed, "coherent CNN-DNN", cc.phase_epochs("coherent")))], seed)
@@ -317,121 +317,6 @@ def _write_results(
         atomic_write_text(out / "results.md", markdown)
         _plots(rows, histories, out)
     return markdown
-
-
-# -- the tables -------------------------------------------------------------------------------------------------
-
-
-def mean_std_cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
-    """A table cell: the mean ± the standard deviation of ``values`` (one value as it is; none: empty). ``fmt``
-    formats both; a ``+`` in it signs the mean only, as a standard deviation has no sign."""
-    if not values:
-        return ""
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.replace('+', '').format(statistics.stdev(values))}"
-
-
-def methods_by_grids(values: dict[str, dict[str, list[float]]], label: str = "method") -> list[str]:
-    """A markdown table of :func:`summarize`'s ``{method: {grid: [value per seed]}}``: a row per method, a column
-    per grid (in :func:`~ddcnn.config.grid_order`), cells mean ± std over the seeds."""
-    grids = sorted({g for cells in values.values() for g in cells}, key=grid_order)
-    lines = [f"| {label} | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
-    for method, cells in values.items():
-        lines.append(f"| {method} | " + " | ".join(mean_std_cell(cells.get(g, [])) for g in grids) + " |")
-    return lines
-
-
-def per_seed(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[tuple[str, str], dict[int, float]]:
-    """``{(method, grid): {seed: value}}``; for ``local``, each seed's mean over the subdomains."""
-    values: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    for row in rows:
-        if row.get(key) is not None:
-            values[row["method"], row["grid"], row["seed"]].append(float(row[key]))
-    out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    for (method, grid, seed), seed_values in values.items():
-        out[method, grid][seed] = statistics.mean(seed_values)
-    return out
-
-
-def summarize(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[str, dict[str, list[float]]]:
-    """``{method: {grid: [value per seed]}}``; for ``local``, each seed's mean over the subdomains."""
-    out: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for (method, grid), seeds in per_seed(rows, key).items():
-        out[method][grid] = list(seeds.values())
-    return {m: out[m] for m in COMPARE_METHODS if m in out}
-
-
-_NOTES = {
-    "local": "local CNNs: the mean of the subdomains' own accuracies (each local CNN alone); per subdomain in "
-    "results.json and subdomains.png",
-}
-
-
-def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset: str) -> str:
-    """The paper-style table (methods by grids, mean ± std over seeds) and a table of parameters and time."""
-    accuracy = summarize(rows)
-    seeds = len(cc.seeds)
-    stats = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
-    lines = [
-        f"# {dataset}: test accuracy ({stats})",
-        "",
-        f"backbone {cc.model.backbone} (width {cc.model.width}), epochs: global {cc.phase_epochs('global')}, local "
-        f"{cc.phase_epochs('local')}, aggregators {cc.phase_epochs('dnn')}, coherent and transfer "
-        f"{cc.phase_epochs('coherent')}; aggregator inputs: {cc.aggregator_inputs}.",
-        "",
-        *methods_by_grids(accuracy),
-        "",
-        *(f"- {m}: {note}" for m, note in _NOTES.items() if m in accuracy),
-    ]
-
-    parameters, phase_seconds, total_seconds = summarize(rows, "parameters"), summarize(rows, "train_seconds"), \
-        summarize(rows, "total_train_seconds")
-    model_parallel, data_parallel = summarize(rows, "model_parallel_bytes_per_step"), \
-        summarize(rows, "data_parallel_bytes_per_step")
-    lines += [
-        "",
-        "## Parameters, training time and communication",
-        "",
-        "| method | grid | parameters | training s (own phase) | training s (incl. local phase) "
-        "| sent per step, model parallel | all-reduced per step, data parallel |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for method, cells in parameters.items():
-        for grid in sorted(cells, key=grid_order):
-            params = int(cells[grid][0])
-            if method == "local":
-                params_text = f"{math.prod(parse_grid(grid))} x {params:,}"
-            else:
-                params_text = f"{params:,}"
-            lines.append(
-                f"| {method} | {grid} | {params_text} | {mean_std_cell(phase_seconds[method][grid], '{:.1f}')} | "
-                f"{mean_std_cell(total_seconds.get(method, {}).get(grid, []), '{:.1f}')} | "
-                f"{_bytes_cell(model_parallel, method, grid)} | {_bytes_cell(data_parallel, method, grid)} |"
-            )
-    lines += [
-        "",
-        "Training time is wall-clock seconds of the training epochs (evaluation excluded). *Own phase*: the local "
-        "phase for local (all local CNNs at once, so the same for every subdomain); for dnn and linear, computing "
-        "the frozen local CNNs' training inputs plus training the aggregator; for weighted, the local CNNs on the "
-        "validation split plus the fit; mean, logmean and vote need no training (0). *Incl. local phase*: the same "
-        "plus the local phase the aggregator or transfer learning starts from. Parameters of an aggregator's row and "
-        "of coherent and transfer are the whole CNN-DNN's (local CNNs plus aggregator).",
-        "",
-        "Communication per training step (docs/distributed.md), with the batch of the whole job: *model parallel*, "
-        "the subdomains spread over the processes (`torchrun ... --parallel model`): nothing for the local CNNs, "
-        "the batch's local probabilities (B*N*K floats, forward only) for coherent and transfer; the aggregators "
-        "train on every process on inputs gathered once (N*K numbers per image); one CNN (global) is data parallel "
-        "either way. *Data parallel*, the baseline (`--parallel data`): an all-reduce of every trained parameter.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _bytes_cell(values: dict[str, dict[str, list[float]]], method: str, grid: str) -> str:
-    """A volume in bytes from :func:`summarize`'s ``values`` (the same for every seed)."""
-    cell = values.get(method, {}).get(grid)
-    return format_bytes(cell[0]) if cell else ""
 
 
 def _plots(rows: Sequence[dict[str, Any]], histories: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> None:

@@ -14,7 +14,7 @@ from .models.cnn_dnn import CNNDNN
 from .models.spec import model_from_checkpoint, spec_of
 from .phases import Experiment, method_report
 from .plots import plot_confusion
-from .train.engine import evaluate
+from .train.evaluation import evaluate
 
 __all__ = ["evaluate_checkpoint", "model_from_checkpoint"]
 

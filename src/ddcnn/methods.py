@@ -5,7 +5,7 @@ method            what is trained
 ================  =============================================================================================
 ``global``        the backbone on whole images (a ``1x1`` grid): the baseline
 ``local``         the local phase: all local CNNs of a grid at once, each against the global label
-``cnn_dnn``       the aggregation phase: the configured aggregator on the frozen local CNNs' probabilities
+``aggregation``   the aggregation phase: the configured aggregator on the frozen local CNNs' probabilities
                   (:func:`aggregation_phase` does several aggregators on one set of probabilities)
 ``coherent``      the whole CNN-DNN end to end from random initialisation, the loss only on its output
 ``transfer``      coherent training started from the pretrained local CNNs (and, optionally, aggregator)
@@ -36,7 +36,7 @@ from .models.aggregators import aggregator_class, list_dnn_activations
 from .phases import (
     Experiment,
     MethodResult,
-    run_cnn_dnn,
+    run_aggregation,
     run_coherent,
     run_global,
     run_local,
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, Callable[[Experiment], MethodResult]] = {
     "global": run_global,
     "local": run_local,
-    "cnn_dnn": run_cnn_dnn,
+    "aggregation": run_aggregation,
     "coherent": run_coherent,
     "transfer": run_transfer,
 }
@@ -108,8 +108,8 @@ def run(cfg: RunConfig, dist: DistContext | None = None, callbacks: Sequence[Cal
 
 def _phases_resumed(cfg: RunConfig) -> list[str]:
     """The phases whose checkpoints in the run folder ``cfg.method`` resumes (or loads, when finished)."""
-    own = cfg.model.aggregator if cfg.method == "cnn_dnn" else cfg.method
-    builds_on_local = cfg.method in ("cnn_dnn", "transfer") and not cfg.pretrained
+    own = cfg.model.aggregator if cfg.method == "aggregation" else cfg.method
+    builds_on_local = cfg.method in ("aggregation", "transfer") and not cfg.pretrained
     return [own, "local"] if builds_on_local else [own]
 
 

@@ -13,7 +13,7 @@ outputs written atomically and kept across phases.
 * **Atomic outputs.** Every file is written whole or not at all (:func:`~ddcnn.checkpoint.atomic_file`):
   a full disk ends the run with one line and leaves the previous complete files.
 * **Results kept across phases.** ``results.json`` has one row per phase run in the folder (``rows``, latest
-  last), and each phase's configuration and per-epoch history (``phases``): ``train --method cnn_dnn`` after
+  last), and each phase's configuration and per-epoch history (``phases``): ``train --method aggregation`` after
   ``train --method local`` into the same ``--out`` adds its row and keeps the local phase's.
 """
 
@@ -28,11 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, config_to_dict
-from .errors import ConfigError, DDCNNError
 from .checkpoint import atomic_write_text, ensure_writable_folder
+from .config import RunConfig, config_to_dict, upgrade_config_dict
+from .errors import ConfigError, DDCNNError
 
-log = logging.getLogger("ddcnn")
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".ddcnn.lock"
 RESULTS_SCHEMA = 2  # 1: the first release's results.json of one phase (read and converted)
@@ -43,11 +43,11 @@ SAFE_TO_CHANGE = frozenset({
     "train.dist_timeout", "data.cache_dir", "data.num_workers", "data.max_memory_gb", "data.eval_batch_size",
 })
 # keys that may change where the schedule is constant: more epochs continue the same run
-EPOCH_KEYS = frozenset({"train.epochs", "local_epochs", "dnn_epochs"})
+EPOCH_KEYS = frozenset({"train.epochs", "local_epochs", "aggregator_epochs"})
 # keys that only the phases after the local phase read: the local phase's checkpoint does not depend on them
 LATER_PHASE_KEYS = frozenset({
     "method", "pretrained", "model.aggregator", "model.dnn_hidden", "model.dnn_activation", "model.dnn_dropout",
-    "model.dnn_batchnorm", "dnn_epochs", "aggregator_inputs", "augmented_passes", "transfer_aggregator",
+    "model.dnn_batchnorm", "aggregator_epochs", "aggregator_inputs", "augmented_passes", "transfer_aggregator",
 })
 FIRST_PHASES = ("global", "local")  # and crossfit<j>, local phases on folds of the training images
 
@@ -109,10 +109,13 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_conflicts(recorded: dict[str, Any], current: dict[str, Any], ignored: Iterable[str] = ()) -> list[str]:
+def config_conflicts(
+    recorded: dict[str, Any], current: dict[str, Any], ignored: Iterable[str] = (), defaults: dict[str, Any] | None = None
+) -> list[str]:
     """The (flat) keys whose values differ between two configurations, less :data:`SAFE_TO_CHANGE` and
-    ``ignored``."""
-    old, new = flat_config(recorded), flat_config(current)
+    ``ignored``. A key the ``recorded`` one lacks (an option added since) counts as its value in ``defaults``."""
+    old, new = flat_config(upgrade_config_dict(recorded)), flat_config(current)
+    old = {**{k: v for k, v in flat_config(defaults or {}).items() if k in new}, **old}
     skip = SAFE_TO_CHANGE | set(ignored)
     return sorted(k for k in old.keys() | new.keys() if k not in skip and old.get(k) != new.get(k))
 
@@ -125,7 +128,7 @@ def resume_conflicts(recorded: dict[str, Any], current: dict[str, Any], phase: s
         ignored |= LATER_PHASE_KEYS
     if recorded.get("train", {}).get("schedule") == current.get("train", {}).get("schedule") == "constant":
         ignored |= EPOCH_KEYS
-    return config_conflicts(recorded, current, ignored)
+    return config_conflicts(recorded, current, ignored, defaults=config_to_dict(RunConfig()))
 
 
 def check_resume(recorded: dict[str, Any] | None, cfg: RunConfig, phase: str, checkpoint: Path) -> None:
@@ -138,7 +141,7 @@ def check_resume(recorded: dict[str, Any] | None, cfg: RunConfig, phase: str, ch
     current = config_to_dict(cfg)
     conflicts = resume_conflicts(recorded, current, phase)
     if conflicts:
-        old, new = flat_config(recorded), flat_config(current)
+        old, new = flat_config(upgrade_config_dict(recorded)), flat_config(current)
         changes = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in conflicts[:4])
         more = f" and {len(conflicts) - 4} more" if len(conflicts) > 4 else ""
         raise ConfigError(

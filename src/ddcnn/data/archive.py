@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..errors import ChecksumError, DatasetError, UnsafeArchiveError
 from .cache import atomic_dir, cache_root, file_stamp, fingerprint, verified_entry
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 ARCHIVE_SUFFIXES = (*_TAR_SUFFIXES, ".zip")
@@ -63,7 +63,7 @@ def extract_cached(archive_path: Path, cache_dir: str | None) -> Path:
     key = fingerprint(str(archive_path.resolve()), file_stamp(archive_path))
     final = cache_root(cache_dir) / "extracted" / f"{archive_stem(archive_path)}-{key}"
     if not verified_entry(final):
-        logger.info("extracting %s to %s", archive_path, final)
+        log.info("extracting %s to %s", archive_path, final)
         with atomic_dir(final) as tmp:
             safe_extract(archive_path, tmp)
     return final

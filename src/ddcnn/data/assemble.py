@@ -25,7 +25,7 @@ from .cache import atomic_dir, cache_root, fingerprint, save_rows, verified_entr
 from .dataset import DatasetSplits, ImageSet, RawDataset
 from .splits import plan_splits
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _STATS_CHUNK_VALUES = 2**24  # pixel values summed at a time
 
@@ -40,7 +40,7 @@ def assemble(raw: RawDataset, cfg: DataConfig) -> DatasetSplits:
     nbytes = sum(bytes_per_image[source] * len(rows) for source, rows in plan.values())
     streaming = nbytes > cfg.max_memory_gb * 1e9
     if streaming:
-        logger.info(
+        log.info(
             "%s takes %.2f GB > max_memory_gb=%g: streaming it from the cache",
             raw.name,
             nbytes / 1e9,
@@ -106,7 +106,7 @@ def _check_train_classes(raw: RawDataset, train_labels: np.ndarray) -> None:
     counts = np.bincount(train_labels, minlength=len(raw.class_names))
     empty = [raw.class_names[k] for k in np.flatnonzero(counts == 0)]
     if empty:
-        logger.warning(
+        log.warning(
             "%s: %d class(es) (%s) have no training images after carving val and test, so the model cannot learn "
             "them; add images of them, lower val_fraction/test_fraction or raise limit_train",
             raw.name,

@@ -10,12 +10,8 @@ disk kills the process with SIGBUS. A full disk or quota (ENOSPC, EDQUOT) ends t
 :class:`DiskFullError` naming the folder, a cache folder that cannot be created or written (checked before anything
 is decoded) with a one-line :class:`CacheNotWritableError`; either way the temporary folder is removed.
 
-Checking. Each time an entry is opened (:func:`verified_entry`) its files are compared with the manifest: a missing,
-added or resized file is always noticed. Checksums are recomputed for every file of an entry of up to
-``FULL_CHECK_BYTES`` (2 GiB: sha256 runs at about 2 GB/s with the SHA CPU extensions, 0.11 s for a 200 MB entry
-from the page cache). In a larger entry (a streamed dataset, which hashing would read once more per run) only the
-files whose inode, mtime or ctime changed since they were recorded are hashed: any write to a file moves its ctime,
-which no tool sets back, so what this misses is damage below the file system (bit rot). A damaged entry is logged as
+Checking. Each time an entry is opened (:func:`verified_entry`) its files are compared with the manifest
+(:mod:`ddcnn.data.manifest` says what is compared and when checksums are recomputed). A damaged entry is logged as
 one warning naming it and what is wrong, removed, and rebuilt from the source; it is never read. An entry without a
 manifest (written before ddcnn checked its cache) counts as damaged, so it is rebuilt once.
 
@@ -26,7 +22,6 @@ a lock (an older ddcnn, a file system without locks) untouched for ``STALE_AFTER
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -34,11 +29,9 @@ import logging
 import math
 import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -46,22 +39,19 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import CacheNotWritableError, DatasetError, DiskFullError
+from .manifest import entry_problem, write_manifest
 
 try:
     import fcntl
 except ImportError:  # Windows: stale temporary folders are recognised by their age alone
     fcntl = None  # type: ignore[assignment]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "~/.cache/ddcnn"
-FULL_CHECK_BYTES = 2 * 2**30  # entries up to this size are checksummed in full each time they are opened
 STALE_AFTER_S = 24 * 3600  # a temporary folder without a lock, untouched this long, was left by a killed run
-MANIFEST = ".ddcnn-entry.json"
 _LOCK = ".ddcnn-lock"
-_OWN_PREFIX = ".ddcnn-"  # names at the top of an entry that are ddcnn's bookkeeping, not its content
 _CHUNK_BYTES = 64 * 2**20  # bytes copied at a time when writing arrays larger than memory
-_HASH_CHUNK_BYTES = 2**20
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_FALLOCATE = {errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EINVAL, errno.ENOSYS}
 _own_temporaries: set[Path] = set()  # this process's temporary folders, never swept as stale
@@ -228,30 +218,6 @@ def _write_block(f: IO[bytes], block: np.ndarray) -> None:
     f.write(memoryview(block).cast("B"))
 
 
-def write_manifest(entry: Path) -> None:
-    """Record every file of ``entry`` in its manifest: size, sha256 and stat stamp; a link, its target."""
-    listing = _listing(entry)
-    files = [rel for rel, st in listing.items() if not stat.S_ISLNK(st.st_mode)]
-    digests = dict(zip(files, _sha256_all(entry, files)))
-    records = {
-        rel: {"size": st.st_size, "sha256": digests[rel], "stamp": _stamp(st)}
-        if rel in digests
-        else {"link": os.readlink(entry / rel)}
-        for rel, st in listing.items()
-    }
-    _write_json(entry / MANIFEST, {"version": 1, "files": records})
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write ``path`` whole or not at all (readers of an entry may be reading its manifest)."""
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    try:
-        part.write_text(json.dumps(value))
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
-
-
 # -- checking -----------------------------------------------------------------------------------------------------
 
 
@@ -269,88 +235,9 @@ def verified_entry(entry: Path) -> bool:
     problem = entry_problem(entry) if entry.is_dir() else "it is not a folder"
     if problem is None:
         return True
-    logger.warning("cache entry %s is damaged: %s; removing it and rebuilding it from the source", entry, problem)
+    log.warning("cache entry %s is damaged: %s; removing it and rebuilding it from the source", entry, problem)
     _discard(entry, inode)
     return False
-
-
-def entry_problem(entry: Path) -> str | None:
-    """What is wrong with the cache entry ``entry``, or None if it matches its manifest."""
-    try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-    except FileNotFoundError:
-        return f"it has no {MANIFEST} (written by an older ddcnn, or removed)"
-    except (OSError, ValueError) as e:
-        return f"its {MANIFEST} cannot be read ({e})"
-    try:
-        return _compare(entry, manifest["files"]) if manifest["version"] == 1 else f"its {MANIFEST} is too new"
-    except (KeyError, TypeError, AttributeError) as e:
-        return f"its {MANIFEST} is malformed ({type(e).__name__}: {e})"
-
-
-def _compare(entry: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
-    """What differs between the files of ``entry`` and their manifest records, or None."""
-    present = _listing(entry)
-    if missing := sorted(set(recorded) - set(present)):
-        return f"{missing[0]} is missing"
-    if added := sorted(set(present) - set(recorded)):
-        return f"{added[0]} was added after it was written"
-    changed = []
-    for rel, record in recorded.items():
-        st = present[rel]
-        if "link" in record:
-            if not stat.S_ISLNK(st.st_mode) or os.readlink(entry / rel) != record["link"]:
-                return f"the link {rel} was changed"
-        elif stat.S_ISLNK(st.st_mode) or st.st_size != record["size"]:
-            return f"{rel} has {st.st_size} bytes, not the {record['size']} written (truncated or overwritten)"
-        elif _stamp(st) != record["stamp"]:
-            changed.append(rel)
-    files = [rel for rel, record in recorded.items() if "link" not in record]
-    to_hash = files if sum(recorded[rel]["size"] for rel in files) <= FULL_CHECK_BYTES else changed
-    try:
-        digests = _sha256_all(entry, to_hash)
-    except OSError as e:
-        return f"{e.filename} cannot be read ({e.strerror})"
-    for rel, digest in zip(to_hash, digests):
-        if digest != recorded[rel]["sha256"]:
-            return f"{rel} does not match the sha256 recorded when it was written (edited or corrupted)"
-    if changed:  # intact, yet restamped (copied, say): record the new stamps, so a large entry is not hashed again
-        renewed = {rel: {**recorded[rel], "stamp": _stamp(present[rel])} for rel in changed}
-        with contextlib.suppress(OSError):  # a read-only cache keeps the old ones
-            _write_json(entry / MANIFEST, {"version": 1, "files": {**recorded, **renewed}})
-    return None
-
-
-def _listing(entry: Path) -> dict[str, os.stat_result]:
-    """Every file and link below ``entry`` (relative POSIX path -> lstat), except ddcnn's own files at its top."""
-    found = {}
-    for folder, dirs, names in os.walk(entry):
-        base = Path(folder).relative_to(entry)
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
-            if base.parts or not name.startswith(_OWN_PREFIX):
-                found[(base / name).as_posix()] = os.lstat(os.path.join(folder, name))
-    return found
-
-
-def _stamp(st: os.stat_result) -> list[int]:
-    """What any write to a file, or replacing it, changes."""
-    return [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def _sha256_all(entry: Path, files: list[str]) -> list[str]:
-    """The sha256 of each file below ``entry``, hashed on a few threads (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda rel: _sha256(entry / rel), files))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(_HASH_CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _discard(entry: Path, inode: int) -> None:
@@ -388,7 +275,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             if not tmp.exists():
                 removed.append(tmp)
     if removed:
-        logger.info("removed %d temporary folder(s) left in %s by killed runs", len(removed), folder)
+        log.info("removed %d temporary folder(s) left in %s by killed runs", len(removed), folder)
     return removed
 
 

@@ -47,7 +47,7 @@ from .cache import allocate_npy, atomic_dir, cache_root, fingerprint, save_rows,
 from .dataset import RawDataset
 from .splits import SPLITS
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -165,11 +165,11 @@ class _Tree:
                         f"{entry.path} is a symbolic link to {os.readlink(entry.path)} that cannot be followed "
                         f"({e.strerror}); fix or remove the link"
                     ) from None
-                logger.warning("skipping %s: a symbolic link that cannot be followed (%s)", entry.path, e.strerror)
+                log.warning("skipping %s: a symbolic link that cannot be followed (%s)", entry.path, e.strerror)
                 return None
         if entry.is_dir():
             if os.path.realpath(entry.path) in above:
-                logger.warning(
+                log.warning(
                     "skipping %s: a link to %s, a folder that contains it, so the tree would loop",
                     entry.path,
                     os.path.realpath(entry.path),
@@ -249,7 +249,7 @@ def _scan_tree(root: Path, tree: _Tree) -> tuple[list[_ImageFile], list[str]]:
 def _decode_to_cache(files: list[_ImageFile], class_names: list[str], image_size: int | None, entry: Path) -> None:
     """Decode every image into ``entry``: one pass into 3-channel staging arrays (a gray image replicated, which is
     what converting it to RGB does), kept as they are, or cut to 1 channel if every image turned out gray."""
-    logger.info("decoding %d images into %s (once; later runs read the cache)", len(files), entry)
+    log.info("decoding %d images into %s (once; later runs read the cache)", len(files), entry)
     width, height = (image_size, image_size) if image_size else _image_size(files[0].path)
     counts = {split: sum(f.split == split for f in files) for split in dict.fromkeys(f.split for f in files)}
     with atomic_dir(entry) as tmp:

@@ -26,7 +26,7 @@ from .mnist import load_mnist5k
 from .npz import load_npz
 from .splits import SPLITS
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 Reader = Callable[[str | None, DataConfig], RawDataset]
 
@@ -74,7 +74,7 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
     """Read ``cfg.dataset``, carve its splits and hold them in memory (or stream them from the cache)."""
     start = time.perf_counter()
     splits = assemble(read_dataset(cfg), cfg)
-    logger.info(
+    log.info(
         "loaded %s in %.1f s: %d train, %d val, %d test images of shape %s x %s%s",
         splits.name,
         time.perf_counter() - start,

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import ConfigError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _SEED_STREAMS = {"test": 0, "val": 1, "limit_train": 2}  # an independent random stream per carving step
@@ -76,7 +76,7 @@ def _limit_train(labels: np.ndarray, cfg: DataConfig) -> np.ndarray:
             f"no training image; set limit_train to at least {classes}"
         )
     if cfg.limit_train > len(labels):
-        logger.warning("limit_train=%d exceeds the %d training images; using all of them", cfg.limit_train, len(labels))
+        log.warning("limit_train=%d exceeds the %d training images; using all of them", cfg.limit_train, len(labels))
     return stratified_sample(labels, cfg.limit_train, cfg.split_seed, _SEED_STREAMS["limit_train"])
 
 

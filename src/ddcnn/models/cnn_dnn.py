@@ -42,7 +42,7 @@ class CNNDNN(nn.Module):
     ):
         super().__init__()
         n, k = local_cnns.decomposition.num_subdomains, local_cnns.num_classes
-        if local_cnns.num_subdomains != n and gather is None:
+        if local_cnns.num_local_cnns != n and gather is None:
             raise ValueError("a CNN-DNN needs the local CNNs of all subdomains, or a gather of their probabilities")
         if (aggregator.num_subdomains, aggregator.num_classes) != (n, k):
             raise ValueError(

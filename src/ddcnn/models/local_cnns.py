@@ -52,13 +52,13 @@ class LocalCNNs(nn.Module):
         )
 
     @property
-    def num_subdomains(self) -> int:
-        """How many local CNNs this module holds."""
+    def num_local_cnns(self) -> int:
+        """How many local CNNs this module holds: all of the decomposition's subdomains, or one process's share."""
         return len(self.subdomains)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         subimages = self.decomposition.split(x)
-        if self.num_subdomains != self.decomposition.num_subdomains:
+        if self.num_local_cnns != self.decomposition.num_subdomains:
             subimages = subimages[:, self.subdomains]
         return self.net(subimages)
 
@@ -70,19 +70,19 @@ class LocalCNNs(nn.Module):
         """Local CNN ``index`` (position in :attr:`subdomains`) as a standalone backbone: a copy that takes
         subimages ``(B, C, *subimage_shape)``."""
         single = self._create(1).to(next(self.parameters()).device)
-        single.load_state_dict(split_state_dict(self.net.state_dict(), self.num_subdomains, index))
+        single.load_state_dict(split_state_dict(self.net.state_dict(), self.num_local_cnns, index))
         return single
 
     def load_local_cnn(self, index: int, local_cnn: Backbone | dict[str, torch.Tensor]) -> None:
         """Copy a standalone local CNN (or its state dict) into position ``index``, checking names and shapes."""
         state = local_cnn.state_dict() if isinstance(local_cnn, nn.Module) else local_cnn
         own = self.net.state_dict()
-        expected = split_state_dict(own, self.num_subdomains, index)
+        expected = split_state_dict(own, self.num_local_cnns, index)
         _check_compatible(expected, state, what=f"local CNN {index}")
         with torch.no_grad():
             for name, value in own.items():
                 if value.dim() > 0:
-                    value.chunk(self.num_subdomains)[index].copy_(state[name])
+                    value.chunk(self.num_local_cnns)[index].copy_(state[name])
 
     def subset(self, subdomains: Sequence[int]) -> LocalCNNs:
         """A copy holding only the local CNNs of ``subdomains`` (subdomain indices, each held by this module), in
@@ -96,7 +96,7 @@ class LocalCNNs(nn.Module):
             )
         state = self.net.state_dict()
         part.net.load_state_dict(
-            stack_state_dicts([split_state_dict(state, self.num_subdomains, self.subdomains.index(i)) for i in subdomains])
+            stack_state_dicts([split_state_dict(state, self.num_local_cnns, self.subdomains.index(i)) for i in subdomains])
         )
         first = next(self.parameters())
         return part.to(first.device, first.dtype)

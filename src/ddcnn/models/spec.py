@@ -143,7 +143,7 @@ class ModelSpec:
         local_cnns = LocalCNNs(self.backbone, self.decomposition(), self.in_channels, self.num_classes, self.width)
         if self.kind == "local_cnns":
             return local_cnns
-        n = local_cnns.num_subdomains
+        n = local_cnns.decomposition.num_subdomains
         return CNNDNN(local_cnns, create_aggregator(self.aggregator, n, self.num_classes, **self.aggregator_options))
 
     def check_compatible(

@@ -20,7 +20,7 @@ from .aggregation import (
     aggregator_training_inputs,
     fit_aggregator,
     local_probabilities,
-    run_cnn_dnn,
+    run_aggregation,
 )
 from .context import Experiment, MethodResult, count_parameters, fit_phase, method_report
 from .end_to_end import run_coherent, run_transfer
@@ -41,7 +41,7 @@ __all__ = [
     "local_probabilities",
     "method_report",
     "pretrained_local_cnns",
-    "run_cnn_dnn",
+    "run_aggregation",
     "run_coherent",
     "run_global",
     "run_local",

@@ -30,7 +30,9 @@ from ..models.cnn_dnn import CNNDNN, load_pretrained_aggregator
 from ..run_folder import check_resume
 from ..runtime import seed_everything
 from ..train.callbacks import Callback
-from ..train.engine import FitResult, Trainer, evaluate, format_bytes
+from ..train.engine import FitResult, Trainer
+from ..train.evaluation import evaluate
+from ..train.logs import format_bytes
 from .context import (
     Experiment,
     MethodResult,
@@ -294,7 +296,7 @@ def _fit_aggregator(exp: Experiment, name: str, inputs: _LocalInputs) -> tuple[A
     val, val_seconds = inputs.get("val")
     train, train_seconds = inputs.get("train") if aggregator.trainable else (None, 0.0)
     fit = fit_aggregator(
-        aggregator, train, val, exp.cfg.train, exp.device, epochs=exp.cfg.dnn_epochs or exp.cfg.train.epochs,
+        aggregator, train, val, exp.cfg.train, exp.device, epochs=exp.cfg.aggregator_epochs or exp.cfg.train.epochs,
         batch_size=exp.cfg.data.batch_size,
         log_csv=exp.run_dir / f"{aggregator.name}_log.csv" if aggregator.trainable else None,
         save=exp.dist.is_primary,
@@ -330,6 +332,6 @@ def _aggregator_result(
     )
 
 
-def run_cnn_dnn(exp: Experiment) -> MethodResult:
+def run_aggregation(exp: Experiment) -> MethodResult:
     """The aggregation phase of the configured aggregator (``cfg.model.aggregator``)."""
     return aggregation_phase(exp, [exp.cfg.model.aggregator])[0]

@@ -26,7 +26,8 @@ from ..models.aggregators import Aggregator, aggregator_options, create_aggregat
 from ..run_folder import check_resume
 from ..runtime import compute_dtype, resolve_device
 from ..train.callbacks import Callback
-from ..train.engine import EpochEnd, EvalResult, FitResult, Trainer
+from ..train.engine import EpochEnd, FitResult, Trainer
+from ..train.evaluation import EvalResult
 from ..train.metrics import ClassificationReport, classification_report
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from ..models import LocalCNNs
 from ..models.aggregators import Aggregator
 from ..models.cnn_dnn import CNNDNN
 from ..runtime import compute_dtype, seed_everything
-from ..train.engine import evaluate
+from ..train.evaluation import evaluate
 from .aggregation import aggregation_phase
 from .context import (
     Experiment,

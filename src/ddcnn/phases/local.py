@@ -14,7 +14,8 @@ from ..distributed import data_parallel_bytes_per_step
 from ..models import LocalCNNs
 from ..models.cnn_dnn import load_pretrained_local_cnns
 from ..runtime import seed_everything
-from ..train.engine import EpochEnd, FitResult, evaluate
+from ..train.engine import EpochEnd, FitResult
+from ..train.evaluation import evaluate
 from .context import (
     Experiment,
     MethodResult,

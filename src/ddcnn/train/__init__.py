@@ -1,8 +1,10 @@
-"""Training: the loop every mode uses, checkpoints, metrics."""
+"""Training: the loop every mode uses (``engine``), its optimiser and schedule (``optim``), evaluation and the
+loss (``evaluation``), its records (``logs``), callbacks, metrics; checkpoints."""
 
-from .callbacks import Callback
 from ..checkpoint import load_checkpoint, save_checkpoint
-from .engine import EvalResult, FitResult, Trainer, TrainingInterrupted, classification_loss, evaluate
+from .callbacks import Callback
+from .engine import FitResult, Trainer, TrainingInterrupted
+from .evaluation import EvalResult, classification_loss, evaluate
 from .metrics import ClassificationReport, classification_report
 
 __all__ = [

@@ -1,8 +1,10 @@
-"""The training loop every mode uses: optimiser, schedule, epochs, evaluation, checkpoints and resume.
+"""The training loop every mode uses: epochs of steps, validation, checkpoints and resume.
 
-Models return logits ``(B, K)`` (a global CNN, a CNN-DNN, an aggregator) or ``(B, N, K)`` (N local CNNs, each
-predicting the class of the whole image). For ``(B, N, K)`` the loss is the *sum* over subdomains of each local
-CNN's mean cross-entropy, so each local CNN gets exactly the gradient it would get if it were trained alone.
+The loop is :class:`Trainer`: :meth:`Trainer.fit` runs the epochs; an epoch (:meth:`Trainer._train_epoch`) is the
+bookkeeping around the steps (the running sums of :class:`_EpochTally`, the progress bar, the signal checks, the
+epoch's log row), and a step (:meth:`Trainer._step`) is one optimisation step on one batch. The loop never asks
+whether it runs on several processes: it calls its :class:`~ddcnn.distributed.Parallel` for every collective, and
+with one process (the default, :meth:`~ddcnn.distributed.Parallel.single`) those are identities.
 
 Determinism: the data order and augmentation of an epoch depend only on (seed, epoch) (see ``ddcnn.data``), and
 checkpoints hold every RNG state, so a run resumed from any checkpoint, even one written mid-epoch on SIGTERM,
@@ -11,33 +13,30 @@ continues exactly as the uninterrupted run would have (on CPU).
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import TrainConfig
-from ..errors import ConfigError, DDCNNError, TrainingDivergedError
+from ..distributed import Parallel
+from ..errors import DDCNNError, TrainingDivergedError
 from ..models.backbone import Backbone
-from ..runtime import at_least_float32, autocast, compute_dtype, use_channels_last
+from ..runtime import autocast
 from .callbacks import Callback, CallbackList
-from ..checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .evaluation import classification_loss, correct_predictions, evaluate, to_memory_format
+from .logs import format_bytes, write_csv
+from .optim import build_optimizer, build_scheduler
 
-if TYPE_CHECKING:
-    from ..distributed import Parallel
-
-log = logging.getLogger("ddcnn")
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(DDCNNError):
@@ -48,9 +47,6 @@ class TrainingInterrupted(DDCNNError):
         self.signum = signum
 
 
-# -- set-up -----------------------------------------------------------------------------------------------------
-
-
 def set_backbone_channels_last(model: nn.Module, cfg: TrainConfig) -> None:
     """``cfg.channels_last`` True/False forces the layout of every backbone's convolutions; None keeps the
     backbones' own default (channels-last for batches of 32 or more, see :class:`~ddcnn.models.backbone.Backbone`)."""
@@ -58,135 +54,6 @@ def set_backbone_channels_last(model: nn.Module, cfg: TrainConfig) -> None:
         for module in model.modules():
             if isinstance(module, Backbone):
                 module.channels_last = bool(cfg.channels_last)
-
-
-def classification_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy; for ``(B, N, K)`` logits the sum over subdomains of each local CNN's mean loss."""
-    if logits.dim() == 3:
-        b, n, k = logits.shape
-        total = F.cross_entropy(
-            at_least_float32(logits.reshape(b * n, k)), y.repeat_interleave(n), label_smoothing=label_smoothing, reduction="sum"
-        )
-        return total / b
-    return F.cross_entropy(at_least_float32(logits), y, label_smoothing=label_smoothing)
-
-
-def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW; weight decay on weight matrices and kernels only (not biases, norms).
-
-    The fused implementation (one pass over each parameter, its gradient and its state) is used wherever torch
-    has one (floating-point parameters on CPU or CUDA): on CPU it makes SGD's step about 3x faster than torch's
-    default per-parameter loop (benchmarks/README.md), with the same update and the same state dict.
-    """
-    decay, no_decay = [], []
-    for name, p in named_parameters:
-        if p.requires_grad:
-            (decay if p.dim() > 1 and not name.endswith("bias") else no_decay).append(p)
-    groups = [
-        g
-        for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay) or None
-    if cfg.optimizer == "sgd":
-        nesterov = cfg.nesterov and cfg.momentum > 0
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, fused=fused)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
-    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Per-step schedule: ``onecycle`` (linear warm-up, linear decay to 0), ``cosine`` (warm-up, cosine), ``constant``."""
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
-    total_steps = max(total_steps, warmup + 1)
-
-    def onecycle(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        return max(0.0, (total_steps - step) / (total_steps - warmup))
-
-    def cosine(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total_steps - warmup))))
-
-    schedules: dict[str, Callable[[int], float]] = {"onecycle": onecycle, "cosine": cosine, "constant": lambda s: 1.0}
-    if cfg.schedule not in schedules:
-        raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(schedules)}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[cfg.schedule])
-
-
-# -- one epoch --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    accuracy: float  # for (B, N, K) models: the mean of the local CNNs' accuracies
-    subdomain_accuracy: list[float] | None = None
-    probabilities: torch.Tensor | None = None  # (n, K) or (n, N, K) on the CPU, when collected
-    labels: torch.Tensor | None = None
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    cfg: TrainConfig,
-    device: torch.device,
-    *,
-    collect: bool = False,
-    desc: str = "eval",
-    progress: bool = False,
-    parallel: Parallel | None = None,
-) -> EvalResult:
-    """Loss and accuracy of ``model`` on ``loader``; with ``collect``, also the probabilities and labels.
-
-    With ``parallel``, ``model`` is this process's share of a distributed model, every process evaluates the same
-    ``loader``, and the result is the whole model's (all subdomains' probabilities gathered).
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum, seen, correct = 0.0, 0, None
-    probs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x = _to_memory_format(x, cfg, device)
-        with autocast(cfg, device):
-            logits = model(x)
-        logits = at_least_float32(logits)
-        loss_sum += float(classification_loss(logits, y)) * len(y)
-        hits = (logits.argmax(-1) == (y[:, None] if logits.dim() == 3 else y)).sum(0)
-        correct = hits if correct is None else correct + hits
-        seen += len(y)
-        if collect:
-            probs.append(logits.softmax(-1).cpu())
-            labels.append(y.cpu())
-    model.train(was_training)
-    if seen == 0:
-        raise DDCNNError("evaluation saw no images; the split is empty, use a larger dataset or fraction")
-    loss, acc = loss_sum / seen, (correct.float() / seen).cpu()
-    probabilities = torch.cat(probs) if collect else None
-    if parallel is not None:
-        loss, acc = parallel.reduce_metrics(loss, acc)
-        if probabilities is not None and probabilities.dim() == 3:
-            probabilities = parallel.gather(probabilities)
-    return EvalResult(
-        loss=loss,
-        accuracy=float(acc.mean()),
-        subdomain_accuracy=acc.tolist() if acc.dim() == 1 else None,
-        probabilities=probabilities,
-        labels=torch.cat(labels) if collect else None,
-    )
-
-
-def _to_memory_format(x: torch.Tensor, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    """A batch as the model takes it: in ``cfg.dtype`` (images arrive in float32) and, if so configured,
-    channels-last."""
-    x = x.to(compute_dtype(cfg)) if x.is_floating_point() else x
-    if x.dim() == 4 and use_channels_last(cfg, device):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 class _StopOnSignal:
@@ -212,7 +79,57 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-# -- the loop ---------------------------------------------------------------------------------------------------
+@dataclass
+class _EpochTally:
+    """The running sums of one epoch of this process's training. A checkpoint written in the middle of the epoch
+    keeps them (:meth:`partial`, its ``partial`` entry), and the epoch resumed from it goes on from them."""
+
+    loss_sum: float = 0.0  # the loss summed over the images seen
+    seen: int = 0  # images seen
+    correct: torch.Tensor | None = None  # images classified correctly: a scalar, or one number per subdomain
+    seconds: float = 0.0  # training time of the epoch before this run of it (resumed) and, once finished, in all
+    start: float = field(default_factory=time.perf_counter, repr=False)
+
+    @classmethod
+    def resumed(cls, partial: dict[str, Any], device: torch.device) -> _EpochTally:
+        """The tally of an epoch that a checkpoint's ``partial`` entry interrupted (empty: a fresh epoch)."""
+        correct = partial.get("correct")
+        return cls(
+            partial.get("loss_sum", 0.0),
+            partial.get("seen", 0),
+            correct.to(device) if correct is not None else None,
+            partial.get("seconds", 0.0),
+        )
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one step's batch."""
+        with torch.no_grad():
+            hits = correct_predictions(logits, y)
+            self.correct = hits if self.correct is None else self.correct + hits
+        self.loss_sum += float(loss.detach()) * len(y)
+        self.seen += len(y)
+
+    def elapsed(self) -> float:
+        """The epoch's training time so far."""
+        return self.seconds + time.perf_counter() - self.start
+
+    def postfix(self) -> dict[str, str]:
+        """The progress bar's numbers: running loss, accuracy and speed."""
+        return {
+            "loss": f"{self.loss_sum / self.seen:.3f}",
+            "acc": f"{float(self.correct.float().mean()) / self.seen:.3f}",
+            "img_s": f"{self.seen / self.elapsed():.0f}",
+        }
+
+    def partial(self) -> dict[str, Any]:
+        """What a checkpoint written now keeps of the epoch, for :meth:`resumed`."""
+        return {"loss_sum": self.loss_sum, "seen": self.seen, "correct": self.correct.cpu(), "seconds": self.elapsed()}
+
+    def finish(self) -> float:
+        """End the epoch's clock: the seconds since :attr:`start`, which :attr:`seconds` now includes."""
+        elapsed = time.perf_counter() - self.start
+        self.seconds += elapsed
+        return elapsed
 
 
 # Trainer.epoch_end: called with the trainer and the epoch's log row after every epoch; True ends training
@@ -233,10 +150,11 @@ class Trainer:
     ``spec`` and ``config`` are stored in every checkpoint: what the model is
     (:meth:`ddcnn.models.ModelSpec.to_dict`) and the resolved run config.
     ``save`` is False on processes that must not write (non-primary ranks). ``parameters`` restricts training
-    to some parameters (the rest stay frozen). ``parallel``: ``model`` is this process's share of a model trained
-    by several processes (see :class:`ddcnn.distributed.Parallel`); then every process runs ``fit`` on the same
-    data (its share of each batch from ``train_loader``, every validation image), the logged numbers are the whole
-    model's, the checkpoint is the one a single process would write, and checkpoints are written at epoch ends only.
+    to some parameters (the rest stay frozen). ``parallel`` (default: one process, :meth:`Parallel.single`):
+    ``model`` is this process's share of a model placed on the processes by ``parallel`` (see
+    :class:`ddcnn.distributed.Parallel`). With several processes, every process runs ``fit`` on the same data (its
+    share of each batch from ``train_loader``, every validation image), the logged numbers are the whole model's,
+    the checkpoint is the one a single process would write, and checkpoints are written at epoch ends only.
     ``epoch_end(trainer, row)``, if given, is called after every epoch (trained, validated, checkpointed and logged)
     with that epoch's log row; its time is not training time, and returning True ends training after that epoch
     (in a distributed run every process must return the same). ``callbacks`` receive the events of
@@ -254,22 +172,25 @@ class Trainer:
     desc: str = "train"
     save: bool = True
     parameters: list[tuple[str, nn.Parameter]] | None = None
-    parallel: Parallel | None = None
+    parallel: Parallel | None = None  # None: Parallel.single, set in __post_init__
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None
     epoch_end: EpochEnd | None = None
     callbacks: Sequence[Callback] = ()
     check_resumed: Callable[[dict[str, Any]], None] | None = None  # called with a checkpoint before resuming it
 
     def __post_init__(self) -> None:
+        if self.parallel is None:
+            self.parallel = Parallel.single(device=self.device)
         set_backbone_channels_last(self.model, self.cfg)
         # the forward of training and validation; compiled once per Trainer (the first steps pay for it). The
         # checkpoints keep ``self.model``'s state dict, whose keys torch.compile's wrapper would prefix
         self._forward: nn.Module = torch.compile(self.model) if self.cfg.compile else self.model
         self.optimizer = build_optimizer(self.parameters or self.model.named_parameters(), self.cfg)
+        self._params = [param for group in self.optimizer.param_groups for param in group["params"]]
         self.scheduler = None  # built in fit(), when the steps per epoch are known
         self.history: list[dict[str, Any]] = []
         self.epoch, self.step = 0, 0  # next epoch to run, steps already done in it
-        self._partial: dict[str, Any] = {}
+        self._partial: dict[str, Any] = {}  # the tally of the epoch a mid-epoch checkpoint interrupted
         self.train_seconds = 0.0
         self._callbacks = CallbackList(self.callbacks)
 
@@ -296,20 +217,16 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.checkpoint is None:
             return
-        state = self.state_dict()
-        if self.parallel is not None:
-            state = self.parallel.gather_state(state, self.model, self.optimizer)
+        state = self.parallel.gather_state(self.state_dict(), self.model, self.optimizer)
         if self.save:
             save_checkpoint(state, self.checkpoint)
-        if self.parallel is not None:
-            self.parallel.ctx.barrier()  # the checkpoint is there for every process to read
+        self.parallel.ctx.barrier()  # the checkpoint is there for every process to read
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         if self.check_resumed is not None:
             self.check_resumed(state)
-        if self.parallel is not None:
-            state = self.parallel.local_state(state, self.model, self.optimizer)
+        state = self.parallel.local_state(state, self.model, self.optimizer)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") and self.scheduler is not None:
@@ -334,17 +251,15 @@ class Trainer:
         self._callbacks.on_fit_start(self)
         with _StopOnSignal() as stop:
             while self.epoch < self.epochs:
-                sent = self._bytes_sent()
+                sent = self.parallel.communication.total
                 row = self._train_epoch(train_loader, stop)
-                if self.parallel is not None:
-                    self.parallel.sync_buffers(self.model)
+                self.parallel.sync_buffers(self.model)
                 if val_loader is not None:
                     val = evaluate(self._forward, val_loader, self.cfg, self.device, parallel=self.parallel)
                     row.update(val_loss=val.loss, val_accuracy=val.accuracy)
                     if val.subdomain_accuracy is not None and len(val.subdomain_accuracy) > 1:
                         row["val_subdomain_accuracy"] = val.subdomain_accuracy
-                if self.parallel is not None:
-                    row["comm_bytes_per_epoch"] = self._bytes_sent() - sent
+                row["comm_bytes_per_epoch"] = self.parallel.communication.total - sent
                 self.history.append(row)
                 self.epoch, self.step, self._partial = self.epoch + 1, 0, {}
                 if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.epochs:
@@ -359,116 +274,105 @@ class Trainer:
         return result
 
     def _train_epoch(self, loader, stop: _StopOnSignal) -> dict[str, Any]:
-        model, cfg, device = self.model, self.cfg, self.device
-        model.train()
+        """One epoch (from step :attr:`step` where resumed mid-epoch): the steps, and the bookkeeping around them;
+        returns the epoch's log row."""
+        self.model.train()
         loader.set_epoch(self.epoch)
-        p = self._partial
-        loss_sum, seen = p.get("loss_sum", 0.0), p.get("seen", 0)
-        correct = p.get("correct")
-        correct = correct.to(device) if correct is not None else None
-        seconds = p.get("seconds", 0.0)
-        params = [param for group in self.optimizer.param_groups for param in group["params"]]
-        sent, first_step = self._bytes_sent(), self.step
+        sent, first_step = self.parallel.communication.total, self.step
         bar = tqdm(
             total=len(loader),
             initial=self.step,
             desc=f"{self.desc} {self.epoch + 1}/{self.epochs}",
             leave=False,
-            disable=not (cfg.progress and self.save),
+            disable=not (self.cfg.progress and self.save),
         )
-        start = time.perf_counter()
+        tally = _EpochTally.resumed(self._partial, self.device)
         for step, (x, y) in enumerate(loader):
             if step < self.step:  # resumed mid-epoch: these batches were trained before the interruption
                 continue
-            x = _to_memory_format(x, cfg, device)
-            with autocast(cfg, device):
-                logits = self._forward(x)
-            loss = classification_loss(logits, y, cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"{self.desc}: the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {step + 1}; "
-                    f"the last good checkpoint {self.checkpoint} is kept; lower the learning rate or set grad_clip"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.parallel is not None:
-                self.parallel.sync_gradients(params)
-            if cfg.grad_clip and self.parallel is not None:
-                self.parallel.clip_grad_norm_(self.model, params, cfg.grad_clip)
-            elif cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            with torch.no_grad():
-                hits = (logits.argmax(-1) == (y[:, None] if logits.dim() == 3 else y)).sum(0)
-                correct = hits if correct is None else correct + hits
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
+            loss, logits = self._step(x, y)
+            tally.add(loss, logits, y)
             self.step = step + 1
             self._callbacks.on_step_end(self)
             bar.update(1)
             if self.step % 10 == 0 or self.step == len(loader):
-                elapsed = seconds + time.perf_counter() - start
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}",
-                    acc=f"{float(correct.float().mean()) / seen:.3f}",
-                    img_s=f"{seen / elapsed:.0f}",
-                )
-            if stop.requested is not None and self.parallel is not None and self.parallel.ctx.distributed:
-                bar.close()  # the processes stop at different steps: only the epochs' checkpoints are consistent
-                raise TrainingInterrupted(
-                    f"{self.desc}: stopped by signal {stop.requested} at epoch {self.epoch + 1}, step {self.step}; "
-                    f"run again with --resume to continue from the last epoch's checkpoint {self.checkpoint}",
-                    stop.requested,
-                )
+                bar.set_postfix(tally.postfix())
             if stop.requested is not None:
-                self._partial = {
-                    "loss_sum": loss_sum,
-                    "seen": seen,
-                    "correct": correct.cpu(),
-                    "seconds": seconds + time.perf_counter() - start,
-                }
-                self.save_checkpoint()
                 bar.close()
-                raise TrainingInterrupted(
-                    f"{self.desc}: stopped by signal {stop.requested} at epoch {self.epoch + 1}, step {self.step}; "
-                    f"checkpoint saved to {self.checkpoint}; run again with --resume to continue",
-                    stop.requested,
-                )
+                self._stop(stop.requested, tally)
         bar.close()
-        step_bytes = (self._bytes_sent() - sent) / max(self.step - first_step, 1)
-        loss, acc = loss_sum / max(seen, 1), correct.float().cpu() / max(seen, 1)
-        if self.parallel is not None:  # the whole model's numbers; waiting for the slowest process is training time
-            loss, acc = self.parallel.reduce_metrics(loss, acc)
-            seen *= self.parallel.shard[1]
-        elapsed = time.perf_counter() - start
-        seconds += elapsed
-        self.train_seconds += elapsed
+        step_bytes = (self.parallel.communication.total - sent) / max(self.step - first_step, 1)
+        return self._epoch_row(tally, step_bytes)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on the batch ``(x, y)``: forward, loss (refused where not finite), backward, the
+        gradients averaged over the data-parallel group and clipped, then the optimizer's and the schedule's step.
+        Returns the loss and the logits."""
+        cfg = self.cfg
+        x = to_memory_format(x, cfg, self.device)
+        with autocast(cfg, self.device):
+            logits = self._forward(x)
+        loss = classification_loss(logits, y, cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"{self.desc}: the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                f"the last good checkpoint {self.checkpoint} is kept; lower the learning rate or set grad_clip"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.parallel.sync_gradients(self._params)
+        if cfg.grad_clip:
+            self.parallel.clip_grad_norm_(self.model, self._params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss, logits
+
+    def _stop(self, signum: int, tally: _EpochTally) -> NoReturn:
+        """End training on a signal, after the step it arrived in. One process saves a checkpoint of this very
+        step; several processes stop at different steps, so that only the epochs' checkpoints are consistent."""
+        where = f"{self.desc}: stopped by signal {signum} at epoch {self.epoch + 1}, step {self.step}"
+        if self.parallel.ctx.distributed:
+            raise TrainingInterrupted(
+                f"{where}; run again with --resume to continue from the last epoch's checkpoint {self.checkpoint}",
+                signum,
+            )
+        self._partial = tally.partial()
+        self.save_checkpoint()
+        raise TrainingInterrupted(
+            f"{where}; checkpoint saved to {self.checkpoint}; run again with --resume to continue", signum
+        )
+
+    def _epoch_row(self, tally: _EpochTally, step_bytes: float) -> dict[str, Any]:
+        """The log row of a finished epoch, with the whole model's numbers (waiting for the slowest process to
+        reduce them is training time)."""
+        loss, acc = tally.loss_sum / max(tally.seen, 1), tally.correct.float().cpu() / max(tally.seen, 1)
+        loss, acc = self.parallel.reduce_metrics(loss, acc)
+        seen = tally.seen * self.parallel.shard[1]
+        self.train_seconds += tally.finish()
         row: dict[str, Any] = {
             "phase": self.desc,
             "epoch": self.epoch + 1,
             "train_loss": loss,
             "train_accuracy": float(acc.mean()),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "seconds": seconds,
+            "seconds": tally.seconds,
             "images": seen,
-            "images_per_second": seen / max(seconds, 1e-9),
+            "images_per_second": seen / max(tally.seconds, 1e-9),
         }
         if acc.dim() == 1 and len(acc) > 1:
             row["train_subdomain_accuracy"] = acc.tolist()
-        if self.parallel is not None:
-            row["comm_bytes_per_step"] = step_bytes
+        row["comm_bytes_per_step"] = step_bytes
         return row
 
-    def _bytes_sent(self) -> int:
-        return self.parallel.communication.total if self.parallel is not None else 0
-
     def _log_row(self, row: dict[str, Any]) -> None:
-        text = f"{self.desc} epoch {row['epoch']}/{self.epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+        text = (
+            f"{self.desc} epoch {row['epoch']}/{self.epochs}: "
+            f"loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+        )
         if "val_accuracy" in row:
             text += f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
         text += f" | {row['images_per_second']:.0f} img/s"
-        if self.parallel is not None and self.parallel.ctx.distributed:
+        if self.parallel.ctx.distributed:
             text += (
                 f" | sent {format_bytes(row['comm_bytes_per_step'])}/step, "
                 f"{format_bytes(row['comm_bytes_per_epoch'])}/epoch"
@@ -476,23 +380,3 @@ class Trainer:
         log.info(text)
         if self.save and self.log_csv is not None:
             write_csv(self.log_csv, self.history)  # the whole history: the CSV always matches the checkpoint
-
-
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 kB"`` (powers of 1000)."""
-    for unit in ("B", "kB", "MB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows (lists joined by spaces) to a CSV file atomically (see :func:`~ddcnn.checkpoint.atomic_file`)."""
-    flat = [{k: (" ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
-    fields = list(dict.fromkeys(k for r in flat for k in r))
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(flat)
-    atomic_write_text(path, text.getvalue())

@@ -1,0 +1,283 @@
+"""The sections of a run's configuration (data, model, train) and the options of ``ddcnn train`` (:class:`RunConfig`),
+those shared with ``ddcnn compare`` in :class:`SharedOptions`. Every value is checked when the dataclass is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .options import (
+    AGGREGATOR_INPUTS,
+    DTYPES,
+    METHOD_NAMES,
+    OPTIMIZERS,
+    PARALLEL_MODES,
+    RENAMED_METHODS,
+    SCHEDULES,
+    check,
+    check_choices,
+    option,
+    parse_grid,
+)
+
+
+def _optional_positive(value: float | None) -> bool:
+    return value is None or value > 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option(
+        "mnist5k", group="data",
+        help="name or name:PATH: mnist5k, cifar10[:PATH], imagefolder:PATH, npz:PATH (`ddcnn datasets` lists them)",
+    )
+    image_size: int | None = option(
+        None, group="data",
+        help="side length in pixels that imagefolder images (and CIFAR-10 read from an image tree) are resized to; "
+        "unset: the images' own size",
+    )
+    batch_size: int = option(
+        64, group="training",
+        help="training images per step, of the whole job (under torchrun --parallel data each process takes a "
+        "share); also the aggregation phase's batch",
+    )
+    eval_batch_size: int = option(
+        512, group="training", help="images per batch when evaluating and computing local probabilities (speed only)"
+    )
+    augment: bool = option(True, group="data", help="augment the training images (random crops, and flips with --flip)")
+    crop_padding: int = option(
+        2, group="data", help="random-crop translation in pixels, per axis (reflect-padded); 0 turns crops off"
+    )
+    flip: bool = option(
+        False, group="data", help="random horizontal flips (last axis) of half the training images; off by default "
+        "because it breaks digits",
+    )
+    val_fraction: float = option(
+        0.1, group="data", help="fraction of the training data held out for validation, in [0, 1), where a dataset "
+        "has no validation split",
+    )
+    test_fraction: float = option(
+        0.2, group="data",
+        help="fraction of all data held out for testing, in [0, 1), where a dataset has no test split",
+    )
+    split_seed: int = option(
+        0, group="data", help="seed of the deterministic, stratified val and test splits (the same for every "
+        "training seed)",
+    )
+    limit_train: int | None = option(
+        None, group="data", help="train on only this many training images (stratified), for quick runs; unset: all"
+    )
+    cache_dir: str | None = option(
+        None, group="data", help="folder of decoded images, extracted archives and streamed splits; unset: "
+        "~/.cache/ddcnn",
+    )
+    max_memory_gb: float = option(
+        4.0, group="data", help="datasets whose uint8 images take more GB (10^9 bytes) than this are streamed from "
+        "the on-disk cache instead of held in memory",
+    )
+    num_workers: int = option(
+        0, group="data", help="DataLoader worker processes reading a streamed dataset; 0: the main process "
+        "(in-memory datasets use none)",
+    )
+
+    def __post_init__(self) -> None:
+        check(_optional_positive(self.image_size), "image_size", self.image_size, "a positive side length or None")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
+        check(self.crop_padding >= 0, "crop_padding", self.crop_padding, "0 or more pixels")
+        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        check(0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "in [0, 1)")
+        check(self.split_seed >= 0, "split_seed", self.split_seed, "0 or more")
+        check(_optional_positive(self.limit_train), "limit_train", self.limit_train, "a positive count or None")
+        check(self.max_memory_gb > 0, "max_memory_gb", self.max_memory_gb, "positive")
+        check(self.num_workers >= 0, "num_workers", self.num_workers, "0 or more")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = option(
+        "vgg9", group="model", help="CNN family of the global and the local CNNs (`ddcnn models` lists them)"
+    )
+    width: float = option(1.0, group="model", help="channel-width multiplier of the backbone (0.5: half the channels)")
+    grid: tuple[int, ...] = option(
+        (1, 1), group="model", help="the decomposition: subdomains per axis, e.g. 2x2, or 2x2x2 for volumes; 1x1 is "
+        "the global CNN",
+    )
+    overlap: int = option(
+        0, group="model", help="delta: pixels each subdomain reaches into its neighbours (clipped at the image border)"
+    )
+    aggregator: str = option(
+        "dnn", group="aggregation", help="how the local CNNs' probabilities become one prediction, for aggregation, "
+        "coherent and transfer (`ddcnn aggregators` lists them; dnn: the papers' DNN)",
+    )
+    dnn_hidden: tuple[int, ...] = option(
+        (128, 128), group="aggregation", help="hidden layer sizes of the dnn aggregator, comma-separated"
+    )
+    dnn_activation: str = option(
+        "relu", group="aggregation", help="activation of the dnn aggregator's hidden layers: relu, gelu, silu, tanh "
+        "or leaky_relu",
+    )
+    dnn_dropout: float = option(
+        0.1, group="aggregation", help="dropout probability after each hidden layer of the dnn aggregator, in [0, 1)"
+    )
+    dnn_batchnorm: bool = option(True, group="aggregation", help="batch norm in the dnn aggregator's hidden layers")
+
+    def __post_init__(self) -> None:
+        self.grid = parse_grid(self.grid)
+        self.dnn_hidden = tuple(int(h) for h in self.dnn_hidden)
+        check(self.width > 0 and math.isfinite(self.width), "width", self.width, "a positive multiplier")
+        check(self.overlap >= 0, "overlap", self.overlap, "0 or more pixels")
+        check(all(h >= 1 for h in self.dnn_hidden), "dnn_hidden", self.dnn_hidden, "positive layer sizes")
+        check(0 <= self.dnn_dropout < 1, "dnn_dropout", self.dnn_dropout, "in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(
+        5, group="training", help="epochs (passes over the training images) of the method's training; the local and "
+        "aggregation phases: see --local-epochs and --aggregator-epochs",
+    )
+    optimizer: str = option(
+        "sgd", group="training", choices=OPTIMIZERS,
+        help=f"the optimiser, {' or '.join(OPTIMIZERS)} (sgd with --momentum and --nesterov)",
+    )
+    lr: float = option(0.05, group="training", help="peak learning rate of the schedule")
+    momentum: float = option(0.9, group="training", help="SGD momentum, in [0, 1) (adamw ignores it)")
+    nesterov: bool = option(True, group="training", help="Nesterov momentum for sgd (adamw ignores it)")
+    weight_decay: float = option(
+        5e-4, group="training", help="weight decay of weight matrices and kernels (biases and norms have none)"
+    )
+    schedule: str = option(
+        "onecycle", group="training", choices=SCHEDULES,
+        help="learning rate per step: onecycle (linear warm-up, then linear decay to 0), cosine (warm-up, then cosine "
+        "decay to 0) or constant",
+    )
+    warmup_fraction: float = option(
+        0.2, group="training",
+        help="fraction of all steps spent warming up from 0.1 x lr to lr, for onecycle and cosine",
+    )
+    label_smoothing: float = option(0.0, group="training", help="label smoothing of the cross-entropy, in [0, 1)")
+    grad_clip: float | None = option(
+        None, group="training", help="clip the gradient norm to this value; unset: no clipping"
+    )
+    seed: int = option(0, group="training", help="seed of the initialisation, the batch order and the augmentation")
+    device: str = option(
+        "auto", group="device", help="auto (CUDA if available, else the CPU), cpu, cuda or cuda:N"
+    )
+    channels_last: bool | None = option(
+        None, group="device", help="channels-last memory format of inputs and convolutions (speed only); unset: "
+        "inputs on CUDA, convolutions of batches of 32 or more",
+    )
+    amp: bool | None = option(
+        None, group="device", help="bf16 autocast of float32 computations, on CUDA only; unset: on for CUDA"
+    )
+    compile: bool = option(
+        False, group="device", help="torch.compile the model each training runs (compiling takes seconds to "
+        "minutes before the first steps; benchmarks/README.md measures it)",
+    )
+    progress: bool = option(True, group="output", help="progress bars")
+    checkpoint_every: int = option(
+        1, group="output", help="epochs between checkpoints (the last epoch, and a stop by SIGTERM, always write one)"
+    )
+    threads: int | None = option(
+        None, group="device", help="torch intra-op threads on the CPU; unset: torch's default"
+    )
+    parallel: str = option(
+        "model", group="distributed", choices=PARALLEL_MODES,
+        help="how the processes of torchrun share the work: model (the subdomains are spread over the processes: the "
+        "method's own parallelism) or data (every process holds the whole model and a share of each batch: the "
+        "baseline)",
+    )
+    dist_timeout: float = option(
+        30.0, group="distributed", help="minutes a process waits for the others at a collective before the job fails"
+    )
+    dtype: str = option(
+        "float32", group="device", choices=DTYPES,
+        help="floating-point type of parameters, activations and gradients; float64 is slow, but runs that differ "
+        "only in the order of floating-point sums (1 against N processes) agree to ~1e-12 instead of ~1e-4",
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive learning rate")
+        check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
+        check(0 <= self.warmup_fraction <= 1, "warmup_fraction", self.warmup_fraction, "in [0, 1]")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
+        check(_optional_positive(self.grad_clip), "grad_clip", self.grad_clip, "a positive norm or None")
+        check(self.seed >= 0, "seed", self.seed, "0 or more")
+        check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1 epoch")
+        check(_optional_positive(self.threads), "threads", self.threads, "a positive count or None")
+        check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "positive minutes")
+
+
+@dataclass
+class SharedOptions:
+    """The top-level options of both ``ddcnn train`` (:class:`RunConfig`) and ``ddcnn compare``
+    (:class:`~ddcnn.compare.CompareConfig`), defined once here so that the two cannot drift apart: an option added
+    here is a flag and a YAML key of both, and compare passes it to every phase."""
+
+    resume: bool = option(
+        False, group="output", help="continue from the checkpoints in --out: finished phases are loaded, not "
+        "trained again, unfinished ones resumed; a changed configuration is refused (by compare: all but more "
+        "grids, seeds or methods)",
+    )
+    aggregator_inputs: str = option(
+        "train", group="aggregation", choices=AGGREGATOR_INPUTS,
+        help="the local probabilities a trained aggregator learns from: train (the local CNNs on the training "
+        "images, as in the papers), crossfit (out of fold: k more local "
+        "phases on k-1 folds each, k times the cost), val (on the validation split), augmented (on augmented "
+        "passes over the training images)",
+    )
+    crossfit_folds: int = option(
+        3, group="aggregation", help="k, the folds of --aggregator-inputs crossfit (at least 2)"
+    )
+    augmented_passes: int = option(
+        2, group="aggregation", help="passes over the training images of --aggregator-inputs augmented"
+    )
+    transfer_aggregator: bool = option(
+        False, group="aggregation", help="transfer learning starts the aggregator from the aggregation phase's "
+        "instead of at random",
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check(self.crossfit_folds >= 2, "crossfit_folds", self.crossfit_folds, "at least 2")
+        check(self.augmented_passes >= 1, "augmented_passes", self.augmented_passes, "at least 1")
+
+
+@dataclass
+class RunConfig(SharedOptions):
+    """One `ddcnn train` run: a method trained on one dataset with one model configuration."""
+
+    method: str = option(
+        "global", group="model", help=f"what is trained, one of {', '.join(METHOD_NAMES)} (see docs/method.md)"
+    )
+    out: str = option(
+        "runs/default", group="output", help="run folder: checkpoints, logs, config.yaml, results.json and plots"
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    local_epochs: int | None = option(
+        None, group="training", help="epochs of the local phase (of local, of aggregation and transfer without "
+        "--pretrained, and of each crossfit fold); unset: --epochs",
+    )
+    aggregator_epochs: int | None = option(
+        None, group="aggregation", help="epochs of the aggregation phase (a trained aggregator on the local "
+        "probabilities); unset: --epochs",
+    )
+    pretrained: str | None = option(
+        None, group="model", help="run folder or checkpoint of a local phase that aggregation and transfer start from "
+        "instead of training one (for transfer with --transfer-aggregator: the folder of its aggregation phase)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.method = RENAMED_METHODS.get(self.method, self.method)  # ddcnn 0.1's cnn_dnn is aggregation
+        check(self.local_epochs is None or self.local_epochs >= 1, "local_epochs", self.local_epochs, "at least 1")
+        check(
+            self.aggregator_epochs is None or self.aggregator_epochs >= 1, "aggregator_epochs", self.aggregator_epochs,
+            "at least 1",
+        )
