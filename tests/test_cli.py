@@ -174,7 +174,7 @@ def test_every_option_of_every_command_has_a_description():
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_train_and_compare_options_show_description_and_default(command):
     _, commands = _subparsers()
-    flags = [a for a in commands[command]._actions if a.option_strings and a.dest not in ("help", "config")]
+    flags = [a for a in commands[command]._actions if a.option_strings and a.dest not in ("help", "config", "quiet", "debug")]
     assert len(flags) > 50
     for action in flags:
         assert "(default: " in action.help, action.option_strings
@@ -280,3 +280,55 @@ def test_bad_yaml_values_are_one_line_before_anything_is_written(tmp_path, capsy
 def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, fragment):
     _fails(capsys, ["train", *flags, "--out", str(tmp_path / "run")], fragment)
     assert not (tmp_path / "run").exists()
+
+
+# -- what a user expects of the command line around a run ----------------------------------------------------------
+
+
+def test_a_piped_run_writes_no_progress_bars(tmp_path):
+    """Progress bars are on by default but only on a terminal: a log file or a SLURM .out gets no "\\r" updates,
+    and still one plain line per epoch."""
+    import subprocess
+    import sys
+
+    argv = [a for a in _train(tmp_path, "mnist5k", "--limit-train", "200") if a not in ("-q", "--no-progress")]
+    done = subprocess.run([sys.executable, "-m", "ddcnn.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    assert "epoch 1/1: loss" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "predict", "evaluate", "datasets", "models", "aggregators"])
+def test_quiet_and_debug_are_flags_of_every_command(command):
+    parser = get_args_parser()
+    needs = {"predict": ["--checkpoint", "x.pt", "a.png"], "evaluate": ["--checkpoint", "x.pt"]}.get(command, [])
+    after = parser.parse_args([command, *needs, "--quiet", "--debug"])
+    before = parser.parse_args(["-q", "--debug", command, *needs])
+    neither = parser.parse_args([command, *needs])
+    assert after.quiet and after.debug and before.quiet and before.debug
+    assert not neither.quiet and not neither.debug
+
+
+def test_quiet_turns_the_progress_bars_off(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(args):
+        seen["progress"] = args.progress
+        return 0
+
+    monkeypatch.setattr("ddcnn.cli.cmd_train", fake_train)
+    main(["train", "--quiet", "--out", str(tmp_path)])
+    assert seen["progress"] is False
+    main(["train", "--out", str(tmp_path)])
+    assert seen["progress"] is None  # not set: the config's default (on, where stderr is a terminal)
+
+
+def test_version_names_ddcnn_and_torch(capsys):
+    import torch
+
+    import ddcnn
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ddcnn {ddcnn.__version__} (torch {torch.__version__})"

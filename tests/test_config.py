@@ -151,7 +151,7 @@ def test_options_are_grouped_by_what_they_mean():
         "aggregation": {"aggregator", "dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm", "aggregator_epochs",
                         "aggregator_inputs", "crossfit_folds", "augmented_passes", "transfer_aggregator"},
         "model": {"method", "backbone", "width", "grid", "overlap", "pretrained"},
-        "device": {"device", "channels_last", "amp", "compile", "threads", "dtype"},
+        "device": {"device", "channels_last", "amp", "amp_dtype", "compile", "threads", "dtype"},
     }
     for group, names in expected.items():
         assert {n for n, g in groups.items() if g == group} == names, group

@@ -247,3 +247,68 @@ def test_compiled_training_matches_eager_in_float64(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=name)
     assert list(load_checkpoint(tmp_path / "True.pt")["model"]) == list(eager.model.state_dict())
     torch._dynamo.reset()
+
+
+def test_gradient_accumulation_equals_the_large_batch_step(tmp_path):
+    """--accumulate 2 with batches of 16 takes the optimizer steps of batches of 32: the loss of each micro-batch
+    is divided by 2, so the summed gradients are those of the mean loss over the 32 images, and the schedule counts
+    optimizer steps. In float64 (eps 2.2e-16) the two differ only in the order of the sums, ~1e-15 per step, so
+    1e-12 over the 2 epochs' 6 steps leaves orders of magnitude. The model has no batch norm: its statistics (and
+    so the forward) of one batch of 32 differ from those of two of 16, so a backbone with batch norm would not
+    match (--accumulate says so)."""
+    data = _images(96)
+    cfg = DataConfig(batch_size=16, augment=False)
+    trained = {}
+    for batch, accumulate in ((32, 1), (16, 2)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 10 * 10, 3)
+        ).double()
+        initial = model[0].weight.detach().clone()
+        train = TrainConfig(epochs=2, lr=0.05, progress=False, dtype="float64", accumulate=accumulate)
+        trainer = Trainer(model, train, CPU, 2)
+        loader = make_loader(data, batch_size=batch, train=True, cfg=cfg, mean=(0.3,), std=(0.3,), device=CPU)
+        trainer.fit(loader)
+        trained[accumulate] = trainer
+    large, accumulated = trained[1], trained[2]
+    assert accumulated.scheduler.last_epoch == large.scheduler.last_epoch == 6  # optimizer steps, not batches
+    for (name, a), b in zip(large.model.state_dict().items(), accumulated.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
+    assert accumulated.history[-1]["train_loss"] == pytest.approx(large.history[-1]["train_loss"], abs=1e-12)
+    assert (large.model[0].weight - initial).abs().max() > 1e-3  # the steps moved the weights: a real comparison
+
+
+def test_accumulation_of_an_uneven_last_step_and_the_check(tmp_path):
+    """5 batches with --accumulate 2: optimizer steps of 2, 2 and 1 batches; --accumulate 0 is refused."""
+    from ddcnn.errors import ConfigError
+
+    data = _images(80)
+    trainer = _trainer(tmp_path, epochs=1, accumulate=2)
+    trainer.fit(_loader(data, True))
+    assert trainer.scheduler.last_epoch == 3 and trainer.history[0]["images"] == 80
+    with pytest.raises(ConfigError, match="accumulate"):
+        TrainConfig(accumulate=0)
+
+
+def test_the_float16_loss_scaler_is_made_for_cuda_float16_autocast_only():
+    from ddcnn.runtime import grad_scaler
+
+    assert grad_scaler(TrainConfig(amp=True, amp_dtype="float16"), torch.device("cuda")) is not None
+    for cfg, device in [(TrainConfig(amp=True, amp_dtype="float16"), CPU), (TrainConfig(amp=True), torch.device(
+            "cuda")), (TrainConfig(amp=False, amp_dtype="float16"), torch.device("cuda"))]:
+        assert grad_scaler(cfg, device) is None
+
+
+def test_a_loss_scaled_step_is_the_unscaled_step(tmp_path):
+    """The Trainer's GradScaler path (float16 autocast on CUDA; no GPU here, so a CPU scaler): scaling the loss by
+    a power of two and unscaling the gradients before clipping and the step is exact in binary floating point, so
+    the weights equal those of the plain path bit for bit."""
+    data = _images()
+    plain = _trainer(tmp_path / "plain", epochs=1, grad_clip=0.5)
+    plain.fit(_loader(data, True))
+    scaled = _trainer(tmp_path / "scaled", epochs=1, grad_clip=0.5)
+    scaled._scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled.fit(_loader(data, True))
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(scaled.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert load_checkpoint(tmp_path / "scaled" / "ckpt.pt")["scaler"]["scale"] == 2.0**10  # resumable

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from ddcnn.errors import CheckpointError, CorruptImageError, DatasetError
 from ddcnn.methods import run
 from ddcnn.models import model_from_checkpoint
 from ddcnn.phases import Experiment
-from ddcnn.predict import predict, resolve_checkpoint
+from ddcnn.predict import format_predictions, predict, resolve_checkpoint
 from ddcnn.train import load_checkpoint
 
 
@@ -76,6 +77,42 @@ def test_predict_command_prints_class_and_subdomain_votes(trained, test_images, 
     assert len(lines) == 1 and "subdomain" not in lines[0]
 
 
+def test_predict_json_prints_one_object_per_image_with_top_k_and_votes(trained, test_images, capsys):
+    paths, _ = test_images
+    argv = ["predict", "--checkpoint", str(trained["aggregation"]), *map(str, paths[:3]), "--json", "--top-k", "2"]
+    assert main(argv) == 0
+    objects = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = predict(trained["aggregation"], paths[:3], device="cpu")
+    assert [o["file"] for o in objects] == [str(p) for p in paths[:3]]
+    for o, p in zip(objects, expected):
+        assert (o["class"], o["class_index"]) == (p.prediction.class_name, p.prediction.class_index)
+        assert o["probability"] == pytest.approx(p.prediction.probability, abs=1e-6)
+        assert len(o["top_k"]) == 2 and o["top_k"][0]["class"] == o["class"]
+        assert o["top_k"][0]["probability"] >= o["top_k"][1]["probability"]
+        assert [(s["subdomain"], s["position"]) for s in o["subdomains"]] == [
+            (0, [0, 0]), (1, [0, 1]), (2, [1, 0]), (3, [1, 1])]
+        assert [s["class_index"] for s in o["subdomains"]] == [v.class_index for v in p.subdomain_votes]
+    assert main([*argv[:-2], "--top-k", "10"]) == 0  # more than the classes: all of them
+    assert all(len(json.loads(line)["top_k"]) == 3 for line in capsys.readouterr().out.splitlines())
+
+
+def test_predict_takes_folders_and_globs_sorted_and_streams_batches(trained, test_images, capsys):
+    paths, _ = test_images
+    folder = paths[0].parent
+    whole = predict(trained["aggregation"], paths, device="cpu")
+    by_folder = predict(trained["aggregation"], [folder], device="cpu", batch_size=2)  # 3 batches of 2, 2, 1
+    by_glob = predict(trained["aggregation"], [str(folder / "test[13]*.png")], device="cpu")
+    assert [p.path for p in by_folder] == [str(p) for p in sorted(paths)]
+    assert [p.path for p in by_glob] == [str(paths[1]), str(paths[3])]
+    for a, b in zip(whole, by_folder):
+        assert a.prediction.class_index == b.prediction.class_index
+        assert a.prediction.probability == pytest.approx(b.prediction.probability, abs=1e-6)
+    argv = ["predict", "--checkpoint", str(trained["global"]), str(folder), "--batch-size", "2"]
+    assert main(argv) == 0
+    one_by_one = [format_predictions(predict(trained["global"], [p], device="cpu")) for p in paths]
+    assert capsys.readouterr().out.splitlines() == one_by_one  # the text of a global CNN: one line per image
+
+
 def test_predict_converts_mode_and_size_like_the_training_data(trained, tmp_path):
     rgba = Image.new("RGBA", (40, 24), (200, 10, 10, 255))
     rgba.save(tmp_path / "color.png")
@@ -111,12 +148,14 @@ def cli_error(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_a_folder_among_the_images_is_a_one_line_error(trained, tmp_path, capsys):
+def test_a_folder_without_images_is_a_one_line_error(trained, tmp_path, capsys):
     (tmp_path / "photos").mkdir()
-    with pytest.raises(DatasetError, match=r"photos is a folder; pass the image files in it"):
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"photos is a folder with no image files in it"):
         predict(trained["global"], [tmp_path / "photos"])
     argv = ["predict", "--checkpoint", str(trained["global"]), str(tmp_path / "photos")]
-    assert "photos is a folder" in cli_error(capsys, argv)
+    assert "photos is a folder with no image files" in cli_error(capsys, argv)
+    assert "matches no files" in cli_error(capsys, [*argv[:3], str(tmp_path / "*.png")])
     with pytest.raises(DatasetError, match=r"no images given"):
         predict(trained["global"], [])
 

@@ -266,3 +266,37 @@ def test_a_configuration_of_the_first_release_resumes_under_today_s_names():
     current = {"method": "aggregation", "aggregator_epochs": 3, "crossfit_folds": 3, "train": {"schedule": "onecycle"}}
     assert resume_conflicts(recorded, current, "dnn") == []  # renamed keys, and an option added since at its default
     assert resume_conflicts(recorded, {**current, "crossfit_folds": 5}, "dnn") == ["crossfit_folds"]
+
+
+def test_results_record_where_they_were_made(tmp_path):
+    import platform
+
+    import torch
+
+    import ddcnn
+    from ddcnn.run_folder import RESULTS_SCHEMA, write_results
+
+    config = {"train": {"device": "cpu"}}
+    write_results(tmp_path, {"method": "local", "grid": "2x2"}, config, [], {"name": "mnist5k"})
+    results = json.loads((tmp_path / "results.json").read_text())
+    made = results["provenance"]
+    assert results["schema"] == RESULTS_SCHEMA and results["phases"]["local"]["provenance"] == made
+    assert made["ddcnn"] == ddcnn.__version__ and made["torch"] == torch.__version__
+    assert made["python"] == platform.python_version() and made["device"] == "cpu"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert made["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+
+
+@pytest.mark.parametrize("failure", [FileNotFoundError("git"), subprocess.TimeoutExpired("git", 2)])
+def test_provenance_without_git_is_none_not_an_error(monkeypatch, failure):
+    from ddcnn import runtime
+
+    def no_git(*args, **kwargs):
+        raise failure
+
+    runtime._git_commit.cache_clear()
+    monkeypatch.setattr(runtime.subprocess, "run", no_git)
+    try:
+        assert runtime.provenance("cpu")["git_commit"] is None
+    finally:
+        runtime._git_commit.cache_clear()

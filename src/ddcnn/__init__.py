@@ -5,12 +5,14 @@ and a small dense network (or averaging, or voting) combines their class probabi
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict
 from .decomposition import Decomposition
 from .errors import DDCNNError
+from .inference import Classifier, load
 from .models import CNNDNN, LocalCNNs, create_aggregator, create_model, list_aggregators, list_models
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CNNDNN",
+    "Classifier",
     "DDCNNError",
     "DataConfig",
     "Decomposition",
@@ -24,4 +26,5 @@ __all__ = [
     "create_model",
     "list_aggregators",
     "list_models",
+    "load",
 ]

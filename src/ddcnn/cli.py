@@ -1,5 +1,5 @@
-"""The command line: ``ddcnn train | compare | evaluate | predict | datasets | models | aggregators``. argparse lives
-here and nowhere else.
+"""The command line: ``ddcnn train | compare | evaluate | predict | export | datasets | models | aggregators``.
+argparse lives here and nowhere else.
 
 Every field of the config dataclasses is a flag (``--batch-size``, ``--grid 2x2``, ``--no-augment``...), with the
 help and in the group its metadata gives (:func:`ddcnn.config.option`); a YAML file given with ``--config``
@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import importlib.metadata
 import json
 import logging
 import sys
@@ -34,6 +35,7 @@ from .config import (
     format_grid,
     load_yaml,
 )
+from . import __version__
 from .errors import ConfigError, DDCNNError
 
 if typing.TYPE_CHECKING:
@@ -172,7 +174,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_run_config(cfg)  # before the run folder is made (run() checks again, for library users, and warns)
     with distributed_session(cfg.train.device, cfg.train.dist_timeout) as dist:  # one process, or torchrun's
         with _run_folder(Path(cfg.out), dist.is_primary, "train.log"):
-            result = run(cfg, dist, callbacks=args.callbacks)
+            from .train.tensorboard import with_tensorboard
+
+            result = run(cfg, dist, callbacks=with_tensorboard(args.callbacks, args.tensorboard, cfg.out))
     if dist.is_primary:
         print(f"{result.method} {result.grid}: test {result.test.summary()} ({result.train_seconds:.1f} s training)")
     return 0
@@ -186,17 +190,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_compare_config(cc)  # before the folder is made (compare() checks again, for library users, and warns)
     with distributed_session(cc.train.device, cc.train.dist_timeout) as dist:
         with _run_folder(Path(cc.out), dist.is_primary, "compare.log"):
-            result = compare(cc, dist=dist, callbacks=args.callbacks)
+            from .train.tensorboard import with_tensorboard
+
+            result = compare(cc, dist=dist, callbacks=with_tensorboard(args.callbacks, args.tensorboard, cc.out))
     if dist.is_primary:
         print(result.markdown)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import format_predictions, predict
+    from .predict import format_prediction, iter_predictions
 
-    predictions = predict(args.checkpoint, args.images, device=args.device)
-    print(format_predictions(predictions))
+    for p in iter_predictions(args.checkpoint, args.images, args.device, args.batch_size, args.top_k):
+        print(json.dumps(p.to_dict()) if args.json else format_prediction(p), flush=True)  # each batch as done
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    print(*export(args.checkpoint, args.out, args.format, per_local_cnn=args.per_local_cnn), sep="\n")
     return 0
 
 
@@ -238,13 +251,21 @@ _CONFIG_HELP = (
     "YAML file of options: the keys are the option names below with _ for - (e.g. batch_size: 32), flat or in "
     "sections data, model and train; flags override it"
 )
+_TENSORBOARD_HELP = "write each epoch's numbers as TensorBoard scalars below DIR (ddcnn[tensorboard]) (default: none)"
 _DEVICE_HELP = "auto (CUDA if available, else the CPU), cpu, cuda or cuda:N (default: auto)"
+
+
+def _add_common_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--debug``, ``-q``: before the command (default False) and after it (SUPPRESS: keeps what came before)."""
+    parser.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="log warnings only; no bars")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddcnn", description="Domain-decomposition CNN-DNN training.")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only, not progress")
+    parser.add_argument("--version", action="version", help="print the versions of ddcnn and torch and exit",
+                        version=f"ddcnn {__version__} (torch {importlib.metadata.version('torch')})")
+    _add_common_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
     train = sub.add_parser("train", help="train one method on one dataset", usage="%(prog)s [--config FILE] [options]",
@@ -253,6 +274,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for cls in SECTIONS.values():
         add_config_flags(train, cls)
     add_config_flags(train, RunConfig)
+    train.add_argument("--tensorboard", metavar="DIR", help=_TENSORBOARD_HELP)
     train.set_defaults(func=cmd_train)
 
     from .compare import CompareConfig
@@ -265,13 +287,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name, cls in SECTIONS.items():
         add_config_flags(cmp, cls, skip=COMPARE_SKIP.get(name, ()), defaults=getattr(compare_defaults, name))
     add_config_flags(cmp, CompareConfig, defaults=compare_defaults)
+    cmp.add_argument("--tensorboard", metavar="DIR", help=_TENSORBOARD_HELP)
     cmp.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("predict", help="classify image files (.png, .jpg, ..., .npy volumes) with a checkpoint")
     pr.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder holding one")
-    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("images", nargs="+", help="image files, folders of them (sorted by name) or glob patterns")
     pr.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    pr.add_argument("--json", action="store_true", help="one JSON object per image (class, top_k, subdomains...)")
+    pr.add_argument("--top-k", type=int, default=3, metavar="K", help="classes listed in top_k of --json (default: 3)")
+    pr.add_argument("--batch-size", type=int, default=64, help="images read and classified at a time (default: 64)")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="write a model as ONNX or TorchScript (float32 images in 0..255 -> "
+                        "probabilities, any batch size) or safetensors (weights, spec as metadata)")
+    ex.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder holding one")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"],
+                    help="onnx needs ddcnn[export]")
+    ex.add_argument("--out", required=True, metavar="FILE", help="the file (with --per-local-cnn: the folder) to write")
+    ex.add_argument("--per-local-cnn", action="store_true", help="safetensors: each local CNN as a standalone backbone")
+    ex.set_defaults(func=cmd_export)
 
     ag = sub.add_parser("aggregators", help="list the aggregators")
     ag.set_defaults(func=cmd_aggregators)
@@ -296,6 +331,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     md.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
     md.add_argument("--grid", default="2x2", help="decomposition for the local CNNs' counts (default: 2x2)")
     md.set_defaults(func=cmd_models)
+    for command in sub.choices.values():  # every command, also those added above this line
+        _add_common_flags(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -325,6 +362,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
     parser = get_args_parser()
     args = parser.parse_args(argv)
     args.callbacks = tuple(callbacks)
+    if args.quiet and hasattr(args, "progress"):
+        args.progress = False  # --quiet: no progress bars either
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     logging.raiseExceptions = args.debug  # a log line that cannot be written (a full disk) is no traceback
     try:
@@ -332,7 +371,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
     except DDCNNError as e:
         if args.debug:
             raise
-        from .train.engine import TrainingInterrupted
+        from .train.signals import TrainingInterrupted
 
         print(f"ddcnn: error: {e}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, TrainingInterrupted) else 2

@@ -5,8 +5,8 @@ For each seed the global CNN is trained once (grid ``1x1``); for each other grid
 CNN-DNN and transfer learning from the local phase. With ``resume`` every phase whose checkpoint is finished is
 loaded, not trained again, so an interrupted comparison continues where it stopped.
 
-Writes to ``out``: ``results.json`` (``{"config", "rows"}``, one row per method, grid and seed, and for ``local``
-one row per subdomain), ``results.md`` (the tables), ``accuracy.png``, ``curves_<grid>.png`` and
+Writes to ``out``: ``results.json`` (``{"config", "rows", "provenance"}``, one row per method, grid and seed, and
+for ``local`` one row per subdomain), ``results.md`` (the tables), ``accuracy.png``, ``curves_<grid>.png`` and
 ``subdomains.png``.
 """
 
@@ -313,7 +313,10 @@ def _write_results(
     """Write results.json, results.md and the plots of ``rows`` (rank 0 only); returns the markdown."""
     markdown = results_markdown(rows, cc, dataset)
     if dist.is_primary:
-        atomic_write_text(out / "results.json", json.dumps({"config": config_to_dict(cc), "rows": rows}, indent=2))
+        from .runtime import provenance
+
+        payload = {"provenance": provenance(cc.train.device), "config": config_to_dict(cc), "rows": rows}
+        atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
         atomic_write_text(out / "results.md", markdown)
         _plots(rows, histories, out)
     return markdown
@@ -322,7 +325,7 @@ def _write_results(
 def _plots(rows: Sequence[dict[str, Any]], histories: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> None:
     accuracy = summarize(rows)
     summary = {
-        m: {g: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for g, v in cells.items()}
+        m: {g: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None) for g, v in cells.items()}
         for m, cells in accuracy.items()
     }
     plot_method_accuracy(summary, out / "accuracy.png")

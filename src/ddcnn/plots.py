@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .config import grid_order  # noqa: E402
 from .checkpoint import atomic_file  # noqa: E402
@@ -45,22 +47,40 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
     return path
 
 
+def _local_cnns(rows: Sequence[dict[str, Any]]) -> int:
+    """The number of local CNNs a phase's history is of (its rows list their accuracies), 1 for one model."""
+    return max((len(r.get("train_subdomain_accuracy") or ()) for r in rows), default=0) or 1
+
+
 def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path, title: str = "training curves") -> Path:
-    """Loss and accuracy per epoch (train solid, validation dashed) of one or more training phases."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    """Loss and accuracy per epoch (train solid, validation dashed, a marker on every epoch so that one epoch is
+    a point) of one or more training phases. The loss of N local CNNs, summed over them in training, is drawn as
+    the mean per local CNN (divided by N, which its label says), on the scale of the other phases' losses; their
+    accuracy is the mean of the local CNNs' accuracies."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 3.6), dpi=120)
     for i, (name, rows) in enumerate(histories.items()):
-        color = f"C{i % 10}"
+        style = {"color": f"C{i % 10}", "marker": "o", "markersize": 3}
         epochs = [r["epoch"] for r in rows]
-        ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, label=f"{name} train")
-        ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], color=color, label=f"{name} train")
+        n = _local_cnns(rows)
+        loss_name = f"{name} (mean of {n} local CNNs)" if n > 1 else name
+        ax_loss.plot(epochs, [r["train_loss"] / n for r in rows], **style, label=f"{loss_name} train")
+        ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], **style, label=f"{loss_name} train")
         if rows and "val_accuracy" in rows[0]:
-            ax_loss.plot(epochs, [r["val_loss"] for r in rows], color=color, ls="--", label=f"{name} val")
-            ax_acc.plot(epochs, [r["val_accuracy"] for r in rows], color=color, ls="--", label=f"{name} val")
+            val = {**style, "ls": "--", "markerfacecolor": "none", "label": f"{loss_name} val"}  # hollow: val
+            ax_loss.plot(epochs, [r["val_loss"] / n for r in rows], **val)
+            ax_acc.plot(epochs, [r["val_accuracy"] for r in rows], **val)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    epochs = [r["epoch"] for rows in histories.values() for r in rows]
     for ax in (ax_loss, ax_acc):
+        if 0 < len(set(epochs)) <= 10:
+            ax.set_xticks(sorted(set(epochs)))  # epochs are whole: few epochs, a tick each
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs:  # half an epoch either side, so that one epoch is a tick, not a span of fractions
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # one legend, beside the curves
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -68,10 +88,11 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path, title: s
 
 
 def plot_method_accuracy(
-    summary: dict[str, dict[str, tuple[float, float]]], path: Path, title: str = "test accuracy"
+    summary: dict[str, dict[str, tuple[float, float | None]]], path: Path, title: str = "test accuracy"
 ) -> Path:
-    """Grouped bars: one group per method, one bar per grid, height the mean test accuracy over seeds and error
-    bars its standard deviation. ``summary[method][grid] = (mean, std)``."""
+    """Grouped bars: one group per method, one bar per grid, height the mean test accuracy over seeds (written on
+    the bar) and error bars its standard deviation. ``summary[method][grid] = (mean, std)``, std None for one seed
+    (no error bar). The y axis spans the data (from 0 where an accuracy is low), up to at most 1."""
     methods = list(summary)
     grids = sorted({g for cells in summary.values() for g in cells}, key=grid_order)
     width = 0.8 / max(len(grids), 1)
@@ -80,9 +101,14 @@ def plot_method_accuracy(
         xs = [i + (j - (len(grids) - 1) / 2) * width for i, m in enumerate(methods) if grid in summary[m]]
         cells = [summary[m][grid] for m in methods if grid in summary[m]]
         colour = _grid_colour(grid, grids)
-        ax.bar(xs, [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=3, label=grid, color=colour)
-    lows = [c[0] - c[1] for cells in summary.values() for c in cells.values()]
-    ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.05), 1.0)
+        spread = [c[1] for c in cells]
+        yerr = [s or 0.0 for s in spread] if any(s is not None for s in spread) else None
+        bars = ax.bar(xs, [c[0] for c in cells], width, yerr=yerr, capsize=3, label=grid, color=colour)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=1)
+    lows = [c[0] - (c[1] or 0.0) for cells in summary.values() for c in cells.values()]
+    highs = [c[0] + (c[1] or 0.0) for cells in summary.values() for c in cells.values()]
+    low = math.floor((min(lows, default=0.0) - 0.02) * 10) / 10  # a tenth below the lowest
+    ax.set_ylim(0.0 if low < 0.2 else low, min(1.0, math.ceil((max(highs, default=1.0) + 0.04) * 20) / 20))
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
     ax.set_ylabel("test accuracy")
     ax.set_title(title, fontsize=10)

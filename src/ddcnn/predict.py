@@ -3,33 +3,31 @@
 Files are read the way the model's training data was: image files are decoded as ``imagefolder`` decodes them
 (mode converted to gray or RGB after the checkpoint's ``in_channels``, alpha composited on black, resized bilinearly
 to the checkpoint's ``image_shape``); ``.npy`` files (volumes, or images) are scaled to uint8 as ``npz`` datasets
-are and must have the image shape already. Both are then normalised with the training split's mean and std from the
-checkpoint's spec (:class:`~ddcnn.models.spec.ModelSpec`), by the same loader as in training. For models with
-several local CNNs (a CNN-DNN, or local CNNs alone) each subdomain's own vote (its local CNN's most probable class)
-is reported beside the prediction.
+are and must have the image shape already. The model is :func:`ddcnn.load`'s :class:`~ddcnn.inference.Classifier`,
+which normalises them with the training split's mean and std as the training loader does. Arguments may be files,
+folders (their image and ``.npy`` files, sorted by name) and glob patterns; the files are read, classified and
+reported ``batch_size`` at a time, never all held at once. For models with several local CNNs (a CNN-DNN, or local
+CNNs alone) each subdomain's own vote (its local CNN's most probable class) is reported beside the prediction.
 """
 
 from __future__ import annotations
 
-import json
+import glob
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import DataConfig
-from .data import ImageSet, make_loader
-from .data.imagefolder import decode_image
+from .data.imagefolder import IMAGE_EXTENSIONS, decode_image
 from .data.npz import pixels_to_uint8
-from .errors import CheckpointError, DatasetError
-from .models.cnn_dnn import CNNDNN
-from .models.spec import model_from_checkpoint, spec_of
-from .runtime import resolve_device
+from .errors import DatasetError
+from .inference import Classifier, load, resolve_checkpoint  # noqa: F401  (resolve_checkpoint: public here too)
 
-# what predict needs of a checkpoint's spec beyond the model: how to name the classes and normalise new images
-_PREPROCESSING = ("class_names", "mean", "std")
+_GLOB_CHARACTERS = frozenset("*?[")
+_SUFFIXES = IMAGE_EXTENSIONS | {".npy"}
 
 
 @dataclass
@@ -40,6 +38,9 @@ class Vote:
     class_name: str
     probability: float
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.class_name, "class_index": self.class_index, "probability": self.probability}
+
 
 @dataclass
 class Prediction:
@@ -47,35 +48,41 @@ class Prediction:
     prediction: Vote
     subdomain_votes: list[Vote] = field(default_factory=list)  # in subdomain order; empty for a global CNN
     subdomain_positions: list[tuple[int, ...]] = field(default_factory=list)  # grid position of each subdomain
+    top: list[Vote] = field(default_factory=list)  # the most probable classes, most probable first
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``ddcnn predict --json`` prints for the image."""
+        return {
+            "file": self.path,
+            **self.prediction.to_dict(),
+            "top_k": [v.to_dict() for v in self.top],
+            "subdomains": [
+                {"subdomain": i, "position": list(position), **v.to_dict()}
+                for i, (v, position) in enumerate(zip(self.subdomain_votes, self.subdomain_positions))
+            ],
+        }
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if a file; in a run folder, the checkpoint of the method its ``results.json`` names, or its
-    only ``.pt`` file."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a .pt file or a run folder holding one")
-    method = _results_method(path / "results.json")
-    if method is not None and (candidate := path / f"{method}.pt").is_file():
-        return candidate
-    checkpoints = sorted(p.name for p in path.glob("*.pt"))
-    if len(checkpoints) == 1:
-        return path / checkpoints[0]
-    if not checkpoints:
-        raise CheckpointError(f"{path} holds no checkpoint (.pt); pass a run folder of ddcnn train or a .pt file")
-    raise CheckpointError(f"{path} holds several checkpoints ({', '.join(checkpoints)}); pass one of them")
-
-
-def _results_method(results: Path) -> str | None:
-    """The one method a run folder's ``results.json`` names; None if it names several, or is missing or unreadable
-    (it only helps choose among the folder's checkpoints)."""
-    try:
-        methods = {row["method"] for row in json.loads(results.read_text()).get("rows", [])}
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
-        return None
-    return methods.pop() if len(methods) == 1 else None
+def expand_images(arguments: Iterable[str | Path]) -> list[Path]:
+    """The files ``arguments`` name, in order: a file as itself, a folder as its image and ``.npy`` files (sorted,
+    not recursing), a glob pattern (``*``, ``?``, ``[``) as the files it matches (sorted). A path that does not
+    exist is kept, for :func:`read_image` to say so."""
+    files: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES)
+            if not inside:
+                raise DatasetError(f"{path} is a folder with no image files in it (.png, .jpg, ..., .npy)")
+            files.extend(inside)
+        elif not path.exists() and _GLOB_CHARACTERS & set(str(argument)):
+            matches = sorted(Path(p) for p in glob.glob(str(argument)) if Path(p).is_file())
+            if not matches:
+                raise DatasetError(f"{argument} matches no files; pass image files (.png, .jpg, ...) or .npy arrays")
+            files.extend(matches)
+        else:
+            files.append(path)
+    return files
 
 
 def read_image(path: str | Path, in_channels: int, image_shape: tuple[int, ...]) -> np.ndarray:
@@ -110,61 +117,70 @@ def _read_array(path: Path, in_channels: int, image_shape: tuple[int, ...]) -> n
     return pixels_to_uint8({"image": array}, path)["image"]
 
 
-def predict(checkpoint: str | Path, images: list[str | Path], device: str = "auto") -> list[Prediction]:
-    """The class (and probability) of each image by the model of ``checkpoint``, and each subdomain's vote."""
-    if not images:
+def iter_predictions(
+    checkpoint: str | Path | Classifier,
+    images: Iterable[str | Path],
+    device: str = "auto",
+    batch_size: int = 64,
+    top_k: int = 3,
+) -> Iterator[Prediction]:
+    """The class (and probability) of each image by the model of ``checkpoint`` (a run folder, a ``.pt`` file or a
+    loaded :class:`~ddcnn.inference.Classifier`), its ``top_k`` classes and each subdomain's vote; ``images`` as
+    :func:`expand_images` takes them, read and classified ``batch_size`` at a time."""
+    if batch_size < 1:
+        raise DatasetError(f"batch size must be positive, got {batch_size}")
+    if top_k < 1:
+        raise DatasetError(f"top-k must be positive, got {top_k}")
+    files = expand_images(images)
+    if not files:
         raise DatasetError("no images given; pass image files (.png, .jpg, ...) or .npy arrays")
-    path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path)
-    spec = spec_of(state, path)
-    missing = [name for name in _PREPROCESSING if getattr(spec, name) is None]
-    if missing:
-        raise CheckpointError(
-            f"{path} (its spec) lacks {', '.join(map(repr, missing))}, which predict needs to read new images as the "
-            "training data was; pass a checkpoint written by ddcnn train"
-        )
-    class_names, image_shape = spec.class_names, spec.image_shape
-    pixels = np.stack([read_image(p, spec.in_channels, image_shape) for p in images])
-    torch_device = resolve_device(device)
-    model = model_from_checkpoint(state, path).to(torch_device)
-    loader = make_loader(
-        ImageSet(torch.from_numpy(pixels), torch.zeros(len(pixels), dtype=torch.int64)),
-        batch_size=64, train=False, cfg=DataConfig(), mean=spec.mean, std=spec.std, device=torch_device,
-    )
-    scores, local = [], []
-    with torch.inference_mode():
-        for x, _ in loader:
-            if isinstance(model, CNNDNN):
-                s, p = model.forward_with_local(x)
-                scores.append(s.float().softmax(-1))
-            else:  # local CNNs, a global CNN included: their mean probability, as in training reports
-                p = model(x).float().softmax(-1)
-                scores.append(p.mean(1))
-            local.append(p)
-    probabilities, local_probabilities = torch.cat(scores).cpu(), torch.cat(local).cpu()
-    positions = spec.decomposition().subdomain_coordinates()
+    model = checkpoint if isinstance(checkpoint, Classifier) else load(checkpoint, device=device)
+    spec, names = model.spec, model.class_names
+    torch_device = next(model.buffers()).device
+    positions = spec.decomposition().subdomain_coordinates() if model.num_subdomains > 1 else []
+    k = min(top_k, spec.num_classes)
 
-    def vote(p: torch.Tensor) -> Vote:
-        k = int(p.argmax())
-        return Vote(k, class_names[k], float(p[k]))
+    def vote(p: torch.Tensor, index: int | None = None) -> Vote:
+        i = int(p.argmax()) if index is None else index
+        return Vote(i, names[i], float(p[i]))
 
-    return [
-        Prediction(
-            str(image),
-            vote(probabilities[i]),
-            [vote(p) for p in local_probabilities[i]] if len(positions) > 1 else [],
-            positions if len(positions) > 1 else [],
-        )
-        for i, image in enumerate(images)
-    ]
+    for start in range(0, len(files), batch_size):
+        batch = files[start : start + batch_size]
+        pixels = np.stack([read_image(p, spec.in_channels, spec.image_shape) for p in batch])
+        with torch.inference_mode():
+            probabilities, local = model.forward_with_subdomains(torch.from_numpy(pixels).to(torch_device))
+        probabilities, local = probabilities.cpu(), local.cpu()
+        top = probabilities.topk(k, dim=-1).indices
+        for i, path in enumerate(batch):
+            yield Prediction(
+                str(path),
+                vote(probabilities[i]),
+                [vote(p) for p in local[i]] if positions else [],
+                list(positions),
+                [vote(probabilities[i], int(j)) for j in top[i]],
+            )
 
 
-def format_predictions(predictions: list[Prediction]) -> str:
-    """One line per image, then one indented line per subdomain vote."""
-    lines = []
-    for p in predictions:
-        lines.append(f"{p.path}: {p.prediction.class_name} (probability {p.prediction.probability:.3f})")
-        for i, (v, position) in enumerate(zip(p.subdomain_votes, p.subdomain_positions)):
-            where = ", ".join(str(c) for c in position)
-            lines.append(f"  subdomain {i} at ({where}): {v.class_name} (probability {v.probability:.3f})")
+def predict(
+    checkpoint: str | Path | Classifier,
+    images: Iterable[str | Path],
+    device: str = "auto",
+    batch_size: int = 64,
+    top_k: int = 3,
+) -> list[Prediction]:
+    """:func:`iter_predictions` as a list."""
+    return list(iter_predictions(checkpoint, images, device, batch_size, top_k))
+
+
+def format_prediction(p: Prediction) -> str:
+    """One line for the image, then one indented line per subdomain vote."""
+    lines = [f"{p.path}: {p.prediction.class_name} (probability {p.prediction.probability:.3f})"]
+    for i, (v, position) in enumerate(zip(p.subdomain_votes, p.subdomain_positions)):
+        where = ", ".join(str(c) for c in position)
+        lines.append(f"  subdomain {i} at ({where}): {v.class_name} (probability {v.probability:.3f})")
     return "\n".join(lines)
+
+
+def format_predictions(predictions: Iterable[Prediction]) -> str:
+    """:func:`format_prediction` of each, one after the other."""
+    return "\n".join(format_prediction(p) for p in predictions)

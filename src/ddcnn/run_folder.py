@@ -192,8 +192,13 @@ def write_results(
     results = read_results(run_dir)
     rows = [r for r in results["rows"] if (r.get("method"), r.get("grid")) != (row["method"], row["grid"])]
     phases = {k: v for k, v in results["phases"].items() if k != row["method"]}
-    phases[row["method"]] = {"config": config, "history": history}
-    payload = {"schema": RESULTS_SCHEMA, "dataset": dataset, "rows": [*rows, row], "phases": phases}
+    from .runtime import provenance  # torch: imported where a result is written, not with the resume checks
+
+    made = provenance(config.get("train", {}).get("device"))  # of this phase, and at the top of the last written
+    phases[row["method"]] = {"config": config, "history": history, "provenance": made}
+    payload = {
+        "schema": RESULTS_SCHEMA, "provenance": made, "dataset": dataset, "rows": [*rows, row], "phases": phases
+    }
     path = run_dir / "results.json"
     atomic_write_text(path, json.dumps(payload, indent=2))
     return path

@@ -21,6 +21,7 @@ from .applicable import (
 from .files import config_from_dict, config_to_dict, load_yaml, upgrade_config_dict
 from .options import (
     AGGREGATOR_INPUTS,
+    AMP_DTYPES,
     DTYPES,
     GROUPS,
     METHOD_NAMES,
@@ -42,6 +43,7 @@ from .sections import DataConfig, ModelConfig, RunConfig, SharedOptions, TrainCo
 
 __all__ = [
     "AGGREGATOR_INPUTS",
+    "AMP_DTYPES",
     "DTYPES",
     "GROUPS",
     "METHOD_NAMES",

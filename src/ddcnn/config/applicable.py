@@ -99,6 +99,8 @@ def inapplicable_data_and_training(data: DataConfig, train: TrainConfig) -> list
     if train.amp and train.dtype == "float64":
         raise ConfigError("amp (bf16 autocast) and dtype float64 contradict each other: autocast lowers only float32 "
                           "computations; drop --amp or use --dtype float32")
+    if train.amp is False and train.amp_dtype != "bfloat16":
+        messages.append(f"--amp-dtype {train.amp_dtype} has no effect with --no-amp")
     if train.amp and _device_type(train.device) != "cuda":
         device = train.device + (f" ({_device_type(train.device)} here)" if train.device == "auto" else "")
         messages.append(f"--amp has no effect on the device {device}: bf16 autocast is used on CUDA only")

@@ -14,6 +14,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 PARALLEL_MODES = ("model", "data")
 DTYPES = ("float32", "float64")
+AMP_DTYPES = ("bfloat16", "float16")
 AGGREGATOR_INPUTS = ("train", "crossfit", "val", "augmented")
 METHOD_NAMES = ("global", "local", "aggregation", "coherent", "transfer")  # ddcnn.methods.METHODS
 RENAMED_KEYS = {"dnn_epochs": "aggregator_epochs"}  # ddcnn 0.1's names, read (with a warning) as today's

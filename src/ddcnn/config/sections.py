@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .options import (
     AGGREGATOR_INPUTS,
+    AMP_DTYPES,
     DTYPES,
     METHOD_NAMES,
     OPTIMIZERS,
@@ -157,6 +158,10 @@ class TrainConfig:
         help="fraction of all steps spent warming up from 0.1 x lr to lr, for onecycle and cosine",
     )
     label_smoothing: float = option(0.0, group="training", help="label smoothing of the cross-entropy, in [0, 1)")
+    accumulate: int = option(
+        1, group="training", help="gradient accumulation: micro-batches of --batch-size per optimizer step, for the "
+        "step of a batch N times larger in the memory of one (batch norm still sees the micro-batches)",
+    )
     grad_clip: float | None = option(
         None, group="training", help="clip the gradient norm to this value; unset: no clipping"
     )
@@ -169,7 +174,13 @@ class TrainConfig:
         "inputs on CUDA, convolutions of batches of 32 or more",
     )
     amp: bool | None = option(
-        None, group="device", help="bf16 autocast of float32 computations, on CUDA only; unset: on for CUDA"
+        None, group="device", help="autocast of float32 computations (see --amp-dtype), on CUDA only; unset: on for "
+        "CUDA"
+    )
+    amp_dtype: str = option(
+        "bfloat16", group="device", choices=AMP_DTYPES,
+        help="what --amp computes in: bfloat16, or float16 for GPUs without bfloat16 (V100, T4), for which the loss "
+        "is scaled (torch.amp.GradScaler) so that small gradients do not vanish",
     )
     compile: bool = option(
         False, group="device", help="torch.compile the model each training runs (compiling takes seconds to "
@@ -207,6 +218,7 @@ class TrainConfig:
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
         check(_optional_positive(self.grad_clip), "grad_clip", self.grad_clip, "a positive norm or None")
         check(self.seed >= 0, "seed", self.seed, "0 or more")
+        check(self.accumulate >= 1, "accumulate", self.accumulate, "at least 1 micro-batch per optimizer step")
         check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1 epoch")
         check(_optional_positive(self.threads), "threads", self.threads, "a positive count or None")
         check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "positive minutes")

@@ -3,9 +3,10 @@ loss (``evaluation``), its records (``logs``), callbacks, metrics; checkpoints."
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .callbacks import Callback
-from .engine import FitResult, Trainer, TrainingInterrupted
+from .engine import FitResult, Trainer
 from .evaluation import EvalResult, classification_loss, evaluate
 from .metrics import ClassificationReport, classification_report
+from .signals import TrainingInterrupted
 
 __all__ = [
     "Callback",

@@ -14,7 +14,6 @@ continues exactly as the uninterrupted run would have (on CPU).
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,21 +29,14 @@ from ..config import TrainConfig
 from ..distributed import Parallel
 from ..errors import DDCNNError, TrainingDivergedError
 from ..models.backbone import Backbone
-from ..runtime import autocast
+from ..runtime import autocast, grad_scaler
 from .callbacks import Callback, CallbackList
 from .evaluation import classification_loss, correct_predictions, evaluate, to_memory_format
 from .logs import format_bytes, write_csv
 from .optim import build_optimizer, build_scheduler
+from .signals import StopOnSignal, TrainingInterrupted
 
 log = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(DDCNNError):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def set_backbone_channels_last(model: nn.Module, cfg: TrainConfig) -> None:
@@ -54,29 +46,6 @@ def set_backbone_channels_last(model: nn.Module, cfg: TrainConfig) -> None:
         for module in model.modules():
             if isinstance(module, Backbone):
                 module.channels_last = bool(cfg.channels_last)
-
-
-class _StopOnSignal:
-    """Turns SIGTERM/SIGINT into a flag that the loop checks between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopOnSignal:
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not in the main thread: leave signals alone
-            pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -187,6 +156,7 @@ class Trainer:
         self._forward: nn.Module = torch.compile(self.model) if self.cfg.compile else self.model
         self.optimizer = build_optimizer(self.parameters or self.model.named_parameters(), self.cfg)
         self._params = [param for group in self.optimizer.param_groups for param in group["params"]]
+        self._scaler = grad_scaler(self.cfg, self.device)  # float16 autocast only
         self.scheduler = None  # built in fit(), when the steps per epoch are known
         self.history: list[dict[str, Any]] = []
         self.epoch, self.step = 0, 0  # next epoch to run, steps already done in it
@@ -200,6 +170,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self._scaler.state_dict() if self._scaler else None,
             "epoch": self.epoch,
             "step": self.step,
             "partial": self._partial,
@@ -231,6 +202,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") and self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self._scaler is not None:
+            self._scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self._partial = state.get("partial") or {}
         self.history = list(state.get("history", []))
@@ -245,11 +218,12 @@ class Trainer:
             raise DDCNNError(
                 f"{self.desc}: the training split has fewer images than one batch; lower --batch-size"
             )
-        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.epochs * steps_per_epoch)
+        optimizer_steps = -(-steps_per_epoch // self.cfg.accumulate)  # with --accumulate, per epoch
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.epochs * optimizer_steps)
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             self.load_checkpoint(self.checkpoint)
         self._callbacks.on_fit_start(self)
-        with _StopOnSignal() as stop:
+        with StopOnSignal() as stop:
             while self.epoch < self.epochs:
                 sent = self.parallel.communication.total
                 row = self._train_epoch(train_loader, stop)
@@ -273,7 +247,7 @@ class Trainer:
         self._callbacks.on_fit_end(self, result)
         return result
 
-    def _train_epoch(self, loader, stop: _StopOnSignal) -> dict[str, Any]:
+    def _train_epoch(self, loader, stop: StopOnSignal) -> dict[str, Any]:
         """One epoch (from step :attr:`step` where resumed mid-epoch): the steps, and the bookkeeping around them;
         returns the epoch's log row."""
         self.model.train()
@@ -284,30 +258,42 @@ class Trainer:
             initial=self.step,
             desc=f"{self.desc} {self.epoch + 1}/{self.epochs}",
             leave=False,
-            disable=not (self.cfg.progress and self.save),
+            # None: tqdm turns itself off where stderr is no terminal (piped logs, SLURM .out files)
+            disable=None if (self.cfg.progress and self.save) else True,
         )
         tally = _EpochTally.resumed(self._partial, self.device)
+        accumulate, steps = self.cfg.accumulate, len(loader)
         for step, (x, y) in enumerate(loader):
             if step < self.step:  # resumed mid-epoch: these batches were trained before the interruption
                 continue
-            loss, logits = self._step(x, y)
+            start = step - step % accumulate  # the first micro-batch of this optimizer step (--accumulate)
+            group = min(accumulate, steps - start)
+            loss, logits = self._step(x, y, group=group, first=step == start, last=step + 1 == start + group)
             tally.add(loss, logits, y)
             self.step = step + 1
             self._callbacks.on_step_end(self)
             bar.update(1)
-            if self.step % 10 == 0 or self.step == len(loader):
+            if self.step % 10 == 0 or self.step == steps:
                 bar.set_postfix(tally.postfix())
-            if stop.requested is not None:
+            # a signal stops after an optimizer step: the gradients summed so far are in no checkpoint
+            if stop.requested is not None and self.step == start + group:
                 bar.close()
                 self._stop(stop.requested, tally)
         bar.close()
         step_bytes = (self.parallel.communication.total - sent) / max(self.step - first_step, 1)
         return self._epoch_row(tally, step_bytes)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor, group: int = 1, first: bool = True, last: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on the batch ``(x, y)``: forward, loss (refused where not finite), backward, the
         gradients averaged over the data-parallel group and clipped, then the optimizer's and the schedule's step.
-        Returns the loss and the logits."""
+        Returns the loss and the logits.
+
+        With gradient accumulation (``cfg.accumulate``), ``(x, y)`` is one of the ``group`` micro-batches of an
+        optimisation step: the gradients are zeroed at the ``first``, each backpropagates ``loss / group`` (so that
+        the sum is the gradient of the mean loss over the step's images, as for one batch of them all), and the
+        gradients are synchronised, clipped and applied at the ``last``."""
         cfg = self.cfg
         x = to_memory_format(x, cfg, self.device)
         with autocast(cfg, self.device):
@@ -318,12 +304,22 @@ class Trainer:
                 f"{self.desc}: the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step + 1}; "
                 f"the last good checkpoint {self.checkpoint} is kept; lower the learning rate or set grad_clip"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        share = loss / group if group > 1 else loss
+        (self._scaler.scale(share) if self._scaler else share).backward()
+        if not last:
+            return loss, logits
         self.parallel.sync_gradients(self._params)
+        if self._scaler:
+            self._scaler.unscale_(self.optimizer)  # clip the true gradients; a step with inf/NaN ones is skipped
         if cfg.grad_clip:
             self.parallel.clip_grad_norm_(self.model, self._params, cfg.grad_clip)
-        self.optimizer.step()
+        if self._scaler:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         return loss, logits
 

@@ -83,7 +83,7 @@ def evaluate(
     model.eval()
     loss_sum, seen, correct = 0.0, 0, None
     probs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         x = to_memory_format(x, cfg, device)
         with autocast(cfg, device):
             logits = model(x)
