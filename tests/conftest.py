@@ -95,3 +95,18 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(folder)], check=False, capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)
+
+
+def train_global_and_aggregation(data: DataConfig, tmp_path_factory) -> dict[str, Path]:
+    """Run folders of a global CNN and of a CNN-DNN (dnn aggregator on 2x2 local CNNs, 1 epoch) on ``data``, for
+    the tests of what reads trained models (evaluate, predict, load, export); a module fixture each, as some
+    tests change the folders."""
+    from ddcnn.methods import run
+
+    folders = {}
+    for method in ("global", "aggregation"):
+        out = tmp_path_factory.mktemp(method)
+        run(RunConfig(method=method, out=str(out), data=data, train=TrainConfig(epochs=1, progress=False),
+                      model=ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))))
+        folders[method] = out
+    return folders

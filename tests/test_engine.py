@@ -225,11 +225,15 @@ def test_compile_wraps_the_training_and_validation_forward_once(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_in_float64(tmp_path):
+def test_compiled_training_matches_eager_in_float64(tmp_path, monkeypatch):
     """torch.compile (inductor, C++ on the CPU) changes only the order of floating-point operations: in float64
     (eps 2.2e-16) one epoch of a tiny model then agrees with eager to ~1e-13, so 1e-9 leaves four orders of
     magnitude for the growth of rounding differences over the 3 steps, and any real difference (a wrong graph, a
     missed update) is far larger."""
+    # a cache of its own: inductor's shared one keeps precompiled headers of the CPU capability it was built under,
+    # and a run under another (ATEN_CPU_CAPABILITY=avx2 or default) then fails to compile ("at::vec has not been
+    # declared")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     data = _images(48)
     trainers = {}

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import train_global_and_aggregation
 
 import ddcnn
 from ddcnn.cli import main
-from ddcnn.config import ModelConfig, RunConfig, TrainConfig
 from ddcnn.export import SPEC_KEY, export, load_safetensors
-from ddcnn.methods import run
 
 # float32 probabilities in [0, 1] of the same network by two runtimes: a few units in the last place (6e-8)
 ATOL = 1e-5
@@ -20,14 +19,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def trained(tiny_data_config, tmp_path_factory):
-    """Run folders of a global CNN and of a CNN-DNN (dnn aggregator on 2x2 local CNNs) on the tiny dataset."""
-    folders = {}
-    for method in ("global", "aggregation"):
-        out = tmp_path_factory.mktemp(method)
-        run(RunConfig(method=method, out=str(out), data=tiny_data_config, train=TrainConfig(epochs=1, progress=False),
-                      model=ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))))
-        folders[method] = out
-    return folders
+    return train_global_and_aggregation(tiny_data_config, tmp_path_factory)
 
 
 def images(batch: int) -> torch.Tensor:

@@ -5,25 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import train_global_and_aggregation
 
 import ddcnn
 from ddcnn.checkpoint import load_checkpoint
-from ddcnn.config import ModelConfig, RunConfig, TrainConfig
 from ddcnn.errors import CheckpointError
-from ddcnn.methods import run
 from ddcnn.models import model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_data_config, tmp_path_factory):
-    """Run folders of a global CNN and of a CNN-DNN (dnn aggregator on 2x2 local CNNs) on the tiny dataset."""
-    folders = {}
-    for method in ("global", "aggregation"):
-        out = tmp_path_factory.mktemp(method)
-        run(RunConfig(method=method, out=str(out), data=tiny_data_config, train=TrainConfig(epochs=1, progress=False),
-                      model=ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))))
-        folders[method] = out
-    return folders
+    return train_global_and_aggregation(tiny_data_config, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

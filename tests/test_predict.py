@@ -4,12 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_global_and_aggregation
 from PIL import Image
 
 from ddcnn.checkpoint import require_keys
 from ddcnn.cli import main
 from ddcnn.errors import CheckpointError, CorruptImageError, DatasetError
-from ddcnn.methods import run
 from ddcnn.models import model_from_checkpoint
 from ddcnn.phases import Experiment
 from ddcnn.predict import format_predictions, predict, resolve_checkpoint
@@ -18,16 +18,7 @@ from ddcnn.train import load_checkpoint
 
 @pytest.fixture(scope="module")
 def trained(tiny_data_config, tmp_path_factory):
-    """Run folders of a global CNN and of a CNN-DNN (dnn aggregator, 2x2) on the tiny dataset."""
-    from ddcnn.config import ModelConfig, RunConfig, TrainConfig
-
-    folders = {}
-    for method in ("global", "aggregation"):
-        out = tmp_path_factory.mktemp(method)
-        run(RunConfig(method=method, out=str(out), data=tiny_data_config, train=TrainConfig(epochs=1, progress=False),
-                      model=ModelConfig(backbone="vgg3", width=0.25, grid=(2, 2), dnn_hidden=(16,))))
-        folders[method] = out
-    return folders
+    return train_global_and_aggregation(tiny_data_config, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
