@@ -16,7 +16,8 @@ from ddcnn.train.evaluation import classification_loss
 CPU = torch.device("cpu")
 SHAPE = (16, 16)
 GRID = (2, 2)
-LARGER_SHAPE = {"resnet18": (32, 32)}  # its ImageNet stem needs subimages of at least 16x16
+# their ImageNet stems need subimages of at least 16x16
+LARGER_SHAPE = {name: (32, 32) for name in ("resnet18", "resnet50", "densenet121", "densenet169")}
 
 
 def separate_models(name: str, decomposition: Decomposition, classes: int = 3) -> list[torch.nn.Module]:

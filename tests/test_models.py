@@ -45,8 +45,56 @@ def test_too_small_input_is_a_clear_error():
         LocalCNNs("vgg9", Decomposition((8, 8), (16, 16)), 1, 10)  # 2x2 subimages
 
 
+@pytest.mark.parametrize(
+    "name, expected",
+    [("resnet18", 11_689_512), ("resnet50", 25_557_032), ("densenet121", 7_978_856), ("densenet169", 14_149_480)],
+)
+def test_imagenet_backbones_have_torchvisions_parameter_counts(name, expected):
+    """2D, width 1, 3 channels, 1000 classes, one group: the parameters of torchvision's model of that name."""
+    c = count_backbone_parameters(name, (224, 224), 3, 1000, (1, 1))
+    assert c.global_cnn == expected
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121"])
+@pytest.mark.parametrize("dims, shape", [(2, (32, 32)), (3, (32, 32, 32)), (2, (16, 16)), (2, (17, 23))])
+def test_imagenet_backbones_forward_shapes(name, dims, shape):
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=2, num_classes=7, spatial_dims=dims, width=0.25, groups=3,
+                         input_shape=shape).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 2, *shape))
+    assert out.shape == (2, 3, 7) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "densenet169"])
+def test_imagenet_backbones_refuse_too_small_inputs(name):
+    cls = "DenseNet" if name.startswith("densenet") else "ResNet"
+    for shape in [(8, 8), (16, 15, 16)]:
+        with pytest.raises(InputSizeError, match=f"smaller than the 16x16(x16)? that {cls} needs") as info:
+            create_model(name, in_channels=1, num_classes=2, spatial_dims=len(shape), input_shape=shape)
+        assert "\n" not in str(info.value)
+
+
+def test_densenet_options_and_grouped_concatenation():
+    """growth_rate and block_config are options; with groups=N each group's dense layers read only that group's
+    channels: changing the input of group 0 leaves the other groups' outputs unchanged."""
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    small = create_model("densenet121", growth_rate=8, block_config=(2, 2), num_classes=3, input_shape=(16, 16))
+    assert n(small) < n(create_model("densenet121", growth_rate=8, block_config=(2, 3), num_classes=3))
+    torch.manual_seed(0)
+    model = create_model("densenet121", in_channels=1, num_classes=3, width=0.25, groups=3,
+                         input_shape=(16, 16)).eval()
+    x = torch.randn(2, 3, 1, 16, 16)
+    y = x.clone()
+    y[:, 0] += 1
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert not torch.allclose(a[:, 0], b[:, 0])
+    torch.testing.assert_close(a[:, 1:], b[:, 1:], rtol=0, atol=0)
+
+
 def test_unknown_backbone_lists_known_ones():
-    with pytest.raises(UnknownNameError, match="unknown backbone 'vgg99'; choose one of: resnet18"):
+    with pytest.raises(UnknownNameError, match="unknown backbone 'vgg99'; choose one of: densenet121, densenet169"):
         create_model("vgg99")
 
 
@@ -89,3 +137,15 @@ def test_local_cnns_subset_of_subdomains():
         part.load_local_cnn(pos, full.local_cnn(i))
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(part(x), full(x)[:, [1, 3]])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_grouped_cat_is_per_group_in_either_memory_format(dims):
+    from ddcnn.models.layers import CHANNELS_LAST, grouped_cat
+
+    a, b = torch.randn(2, 3 * 4, *(3,) * dims), torch.randn(2, 3 * 2, *(3,) * dims)
+    expected = torch.cat([torch.cat([a[:, 4 * g:4 * g + 4], b[:, 2 * g:2 * g + 2]], 1) for g in range(3)], 1)
+    assert torch.equal(grouped_cat([a, b], 3), expected)
+    fmt = CHANNELS_LAST[dims]
+    out = grouped_cat([a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)], 3)
+    assert torch.equal(out, expected) and out.is_contiguous(memory_format=fmt)

@@ -234,3 +234,33 @@ def split_state_dict(state: dict[str, torch.Tensor], groups: int, index: int) ->
 def stack_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`split_state_dict`: N ``groups=1`` state dicts -> one ``groups=N`` state dict."""
     return {k: (torch.cat([s[k] for s in states]) if v.dim() > 0 else v.clone()) for k, v in states[0].items()}
+
+
+def grouped_cat(tensors: list[torch.Tensor], groups: int) -> torch.Tensor:
+    """Concatenate group-major tensors ``(B, G*C_i, *spatial)`` along the channels of each group:
+    ``(B, G*sum(C_i), *spatial)``, group ``g`` holding its own channels of every tensor in order (DenseNet's
+    concatenation, for each local CNN). Keeps the channels-last layout of channels-last inputs."""
+    if groups == 1:
+        return torch.cat(tensors, 1)
+    if tensors[0].is_contiguous():
+        return torch.cat([t.unflatten(1, (groups, -1)) for t in tensors], 2).flatten(1, 2)
+    # channels-last: the channels are the innermost axis, so concatenate there without leaving the layout
+    return torch.cat([t.movedim(1, -1).unflatten(-1, (groups, -1)) for t in tensors], -1).flatten(-2).movedim(-1, 1)
+
+
+class HalvingAvgPool(nn.Module):
+    """2x2(x2) average pooling with stride 2 that halves every axis, rounding up: an odd axis keeps its last
+    pixel (averaged alone), a 1-pixel axis stays 1 pixel. On even sizes this is ``nn.AvgPool{2,3}d(2, 2)``."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = tuple(min(2, s) for s in x.shape[2:])
+        pool = F.avg_pool2d if self.dims == 2 else F.avg_pool3d
+        return pool(x, kernel, stride=2, ceil_mode=True)
+
+
+def halving_avgpool(dims: int) -> nn.Module:
+    return HalvingAvgPool(dims)

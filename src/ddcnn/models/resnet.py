@@ -1,4 +1,10 @@
-"""ResNet-type backbones, 2D and 3D: the CIFAR-style ResNet-20 and the ImageNet-style ResNet-18."""
+"""ResNet-type backbones, 2D and 3D: the CIFAR-style ResNet-20 and the ImageNet-style ResNet-18 and ResNet-50.
+
+The stem goes with the architecture, as in the papers: ResNet-20 starts with one 3x3 convolution at full
+resolution (CIFAR), ResNet-18 and ResNet-50 with torchvision's 7x7 stride-2 convolution and 3x3 stride-2 max-pool
+(ImageNet), which needs inputs of at least 16x16. At width 1 the ImageNet ones have exactly torchvision's
+parameters (11,689,512 and 25,557,032 for 1000 classes).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from .registry import register_model
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (1x1 projection where the shape changes)."""
+
+    expansion = 1
 
     def __init__(self, dims: int, cin: int, cout: int, stride: int, groups: int):
         super().__init__()
@@ -34,6 +42,35 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """1x1 convolution down to ``width`` channels, 3x3 (with the stride, as torchvision's ResNet v1.5), 1x1 up to
+    ``expansion * width``, with a residual connection (1x1 projection where the shape changes)."""
+
+    expansion = 4
+
+    def __init__(self, dims: int, cin: int, width: int, stride: int, groups: int):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = conv(dims, cin, width, 1, groups)
+        self.bn1 = batchnorm(dims, width, groups)
+        self.conv2 = conv(dims, width, width, 3, groups, stride=stride)
+        self.bn2 = batchnorm(dims, width, groups)
+        self.conv3 = conv(dims, width, cout, 1, groups)
+        self.bn3 = batchnorm(dims, cout, groups)
+        self.relu = nn.ReLU()
+        self.shortcut = (
+            nn.Sequential(conv(dims, cin, cout, 1, groups, stride=stride), batchnorm(dims, cout, groups))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
 class ResNet(Backbone):
     def __init__(
         self,
@@ -46,6 +83,7 @@ class ResNet(Backbone):
         width: float = 1.0,
         groups: int = 1,
         input_shape: Sequence[int] | None = None,
+        block: type[BasicBlock | Bottleneck] = BasicBlock,
     ):
         super().__init__(in_channels, num_classes, spatial_dims, groups)
         self.min_input_size = 16 if stem == "imagenet" else 4
@@ -64,8 +102,8 @@ class ResNet(Backbone):
         channels = widths[0]
         for stage, (w, n) in enumerate(zip(widths, blocks)):
             for b in range(n):
-                layers.append(BasicBlock(d, channels, w, 2 if (stage > 0 and b == 0) else 1, groups))
-                channels = w
+                layers.append(block(d, channels, w, 2 if (stage > 0 and b == 0) else 1, groups))
+                channels = w * block.expansion
         layers.append(adaptive_avgpool(d, 1))
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(GroupedLinear(channels, num_classes, groups))
@@ -84,3 +122,9 @@ def resnet20(**kwargs) -> ResNet:
 def resnet18(**kwargs) -> ResNet:
     """ImageNet-style ResNet-18: 7x7 stem, 4 stages of 2 basic blocks, 64-512 channels."""
     return ResNet("imagenet", [64, 128, 256, 512], [2, 2, 2, 2], **kwargs)
+
+
+@register_model
+def resnet50(**kwargs) -> ResNet:
+    """ImageNet-style ResNet-50: 7x7 stem, 4 stages of 3-4-6-3 bottleneck blocks, 256-2048 channels."""
+    return ResNet("imagenet", [64, 128, 256, 512], [3, 4, 6, 3], block=Bottleneck, **kwargs)
