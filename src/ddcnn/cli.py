@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import importlib.metadata
 import json
 import logging
@@ -376,7 +375,9 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         print(f"ddcnn: error: {e}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, TrainingInterrupted) else 2
     except OSError as e:
-        if args.debug or e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        from .checkpoint import DISK_FULL
+
+        if args.debug or e.errno not in DISK_FULL:
             raise
         print(f"ddcnn: error: {e.filename or 'a file'}: the disk is full ({e.strerror}); free space and run "
               "again (with --resume to continue from the last checkpoint)", file=sys.stderr)

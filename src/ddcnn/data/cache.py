@@ -38,6 +38,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..checkpoint import DISK_FULL
 from ..errors import CacheNotWritableError, DatasetError, DiskFullError
 from .manifest import entry_problem, write_manifest
 
@@ -52,7 +53,6 @@ DEFAULT_CACHE_DIR = "~/.cache/ddcnn"
 STALE_AFTER_S = 24 * 3600  # a temporary folder without a lock, untouched this long, was left by a killed run
 _LOCK = ".ddcnn-lock"
 _CHUNK_BYTES = 64 * 2**20  # bytes copied at a time when writing arrays larger than memory
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_FALLOCATE = {errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EINVAL, errno.ENOSYS}
 _own_temporaries: set[Path] = set()  # this process's temporary folders, never swept as stale
 
@@ -119,7 +119,7 @@ def _make_temporary(final: Path) -> Path:
         remove_stale_temporaries(folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder))
     except OSError as e:
-        if e.errno in _DISK_FULL:
+        if e.errno in DISK_FULL:
             raise _disk_full_error(folder, e) from None
         reason = "part of that path is a file" if e.errno in (errno.ENOTDIR, errno.EEXIST) else e.strerror or e
         raise CacheNotWritableError(
@@ -162,7 +162,7 @@ def _disk_full_cause(error: BaseException | None) -> OSError | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
             return error
         error = error.__cause__ or error.__context__
     return None

@@ -39,7 +39,7 @@ def sum_over_whole_model(model: nn.Module, value: Callable[[nn.Parameter], int])
     of it: the local CNNs it lacks are counted as copies of those it holds (all local CNNs are alike)."""
     total = sum(value(p) for p in model.parameters())
     for module in model.modules():
-        if isinstance(module, LocalCNNs) and module.num_local_cnns < module.decomposition.num_subdomains:
+        if isinstance(module, LocalCNNs) and module.is_share:
             share = sum(value(p) for p in module.parameters())
             total += share // module.num_local_cnns * (module.decomposition.num_subdomains - module.num_local_cnns)
     return total

@@ -100,7 +100,7 @@ def sharded_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(
         f"{name}." if name else ""
         for name, module in model.named_modules()
-        if isinstance(module, LocalCNNs) and module.num_local_cnns < module.decomposition.num_subdomains
+        if isinstance(module, LocalCNNs) and module.is_share
     )
 
 

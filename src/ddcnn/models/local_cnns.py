@@ -56,9 +56,14 @@ class LocalCNNs(nn.Module):
         """How many local CNNs this module holds: all of the decomposition's subdomains, or one process's share."""
         return len(self.subdomains)
 
+    @property
+    def is_share(self) -> bool:
+        """Whether this module holds only some of the decomposition's local CNNs (one process's share)."""
+        return self.num_local_cnns < self.decomposition.num_subdomains
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         subimages = self.decomposition.split(x)
-        if self.num_local_cnns != self.decomposition.num_subdomains:
+        if self.is_share:
             subimages = subimages[:, self.subdomains]
         return self.net(subimages)
 

@@ -18,6 +18,13 @@ from .layers import GroupedLinear, adaptive_avgpool, batchnorm, conv, maxpool
 from .registry import register_model
 
 
+def _shortcut(dims: int, cin: int, cout: int, stride: int, groups: int) -> nn.Module:
+    """A residual block's shortcut: the identity, or a strided 1x1 projection where the shape changes."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(conv(dims, cin, cout, 1, groups, stride=stride), batchnorm(dims, cout, groups))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (1x1 projection where the shape changes)."""
 
@@ -30,11 +37,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv(dims, cout, cout, 3, groups)
         self.bn2 = batchnorm(dims, cout, groups)
         self.relu = nn.ReLU()
-        self.shortcut = (
-            nn.Sequential(conv(dims, cin, cout, 1, groups, stride=stride), batchnorm(dims, cout, groups))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
+        self.shortcut = _shortcut(dims, cin, cout, stride, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -58,11 +61,7 @@ class Bottleneck(nn.Module):
         self.conv3 = conv(dims, width, cout, 1, groups)
         self.bn3 = batchnorm(dims, cout, groups)
         self.relu = nn.ReLU()
-        self.shortcut = (
-            nn.Sequential(conv(dims, cin, cout, 1, groups, stride=stride), batchnorm(dims, cout, groups))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
+        self.shortcut = _shortcut(dims, cin, cout, stride, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
