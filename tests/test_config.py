@@ -118,6 +118,8 @@ def test_choices_come_from_the_constants_and_are_checked():
     assert choices["aggregator_inputs"] == AGGREGATOR_INPUTS
     with pytest.raises(ConfigError, match="optimizer must be one of sgd, adamw, got 'adam'"):
         TrainConfig(optimizer="adam")
+    with pytest.raises(ConfigError, match="normalize must be one of data, imagenet, got 'unit'"):
+        DataConfig(normalize="unit")
     with pytest.raises(ConfigError, match="aggregator_inputs must be one of train, crossfit, val, augmented"):
         CompareConfig(aggregator_inputs="test")
 
@@ -147,10 +149,12 @@ def test_options_are_grouped_by_what_they_mean():
     groups = {**_groups(DataConfig), **_groups(ModelConfig), **_groups(TrainConfig), **_groups(RunConfig)}
     expected = {
         "output": {"out", "resume", "progress", "checkpoint_every"},
-        "distributed": {"parallel", "dist_timeout"},
+        "distributed": {"parallel", "dist_timeout", "ddp_hook", "powersgd_rank"},
         "aggregation": {"aggregator", "dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm", "aggregator_epochs",
-                        "aggregator_inputs", "crossfit_folds", "augmented_passes", "transfer_aggregator"},
-        "model": {"method", "backbone", "width", "grid", "overlap", "pretrained"},
+                        "aggregator_inputs", "crossfit_folds", "augmented_passes", "transfer_aggregator",
+                        "aggregator_batch_size", "aggregator_lr"},
+        "model": {"method", "backbone", "width", "local_width", "grid", "overlap", "pretrained", "init_weights",
+                  "init_weights_sha256"},
         "device": {"device", "channels_last", "amp", "amp_dtype", "compile", "threads", "dtype"},
     }
     for group, names in expected.items():
@@ -180,7 +184,7 @@ def test_compare_has_every_option_of_a_run_but_those_it_sets_per_phase():
 
 def test_compare_passes_the_shared_options_to_every_phase(tmp_path):
     changed = {"resume": True, "aggregator_inputs": "crossfit", "crossfit_folds": 5, "augmented_passes": 4,
-               "transfer_aggregator": True}
+               "transfer_aggregator": True, "aggregator_batch_size": 64, "aggregator_lr": 0.05}
     assert set(changed) == {f.name for f in dataclasses.fields(SharedOptions)}  # every shared option is changed
     cc = CompareConfig(**changed)
     for pretrained in (False, True):
@@ -227,9 +231,16 @@ def _warnings(**changes):
         ({"method": "coherent", "local_epochs": 3}, "--local-epochs has no effect with --method coherent"),
         ({"method": "aggregation", "pretrained": "runs/x", "local_epochs": 3}, "--local-epochs has no effect with "
          "--pretrained"),
+        ({"method": "transfer", "pretrained": "runs/x", "model__init_weights": "w.pt"}, "--init-weights has no effect "
+         "with --method transfer and --pretrained"),
         ({"data__augment": False, "data__flip": True}, "--flip has no effect with --no-augment"),
         ({"train__schedule": "constant", "train__warmup_fraction": 0.5}, "--warmup-fraction has no effect"),
         ({"train__optimizer": "adamw", "train__momentum": 0.5}, "--momentum has no effect with --optimizer adamw"),
+        ({"method": "local", "aggregator_batch_size": 64}, "--aggregator-batch-size has no effect: --method local"),
+        ({"method": "aggregation", "model__aggregator": "vote", "aggregator_lr": 0.1}, "--aggregator-lr has no "
+         "effect: --aggregator vote is not trained"),
+        ({"method": "aggregation", "pretrained": "runs/x", "train__lr": 0.1}, "--lr has no effect with --method "
+         "aggregation --pretrained: a trained aggregator trains with adamw at --aggregator-lr"),
     ],
 )
 def test_options_that_do_not_apply_are_named(changes, fragment):
@@ -246,11 +257,14 @@ def test_options_that_do_not_apply_are_named(changes, fragment):
         {"method": "aggregation", "model__grid": (2, 2), "aggregator_inputs": "crossfit", "crossfit_folds": 5,
          "aggregator_epochs": 3, "local_epochs": 2, "pretrained": "runs/x"},  # crossfit trains local phases of its own
         {"method": "aggregation", "aggregator_inputs": "augmented", "augmented_passes": 4},
+        {"method": "aggregation", "aggregator_batch_size": 64, "aggregator_lr": 0.1, "train__lr": 0.1},  # + local
         {"method": "transfer", "transfer_aggregator": True, "aggregator_epochs": 3, "aggregator_inputs": "val"},
         {"method": "coherent", "model__aggregator": "linear"},
         {"data__dataset": "imagefolder:x", "data__image_size": 64},
         {"data__dataset": "cifar10", "data__image_size": 64},  # an image tree in the cache may be resized
         {"train__amp": False, "train__dtype": "float64"},
+        {"method": "transfer", "model__init_weights": "w.pt"},  # its local phase starts from them
+        {"method": "aggregation", "pretrained": "runs/x", "aggregator_inputs": "crossfit", "model__init_weights": "w"},
     ],
 )
 def test_options_that_apply_give_no_warning(changes):

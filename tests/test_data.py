@@ -28,11 +28,11 @@ from ddcnn.config import DataConfig
 from ddcnn.data import (
     ImageSet,
     crop_and_flip,
+    decode,
     decode_image,
     describe_dataset,
     download,
     download_cifar10,
-    imagefolder,
     list_datasets,
     load_dataset,
     make_loader,
@@ -79,8 +79,8 @@ def cli_error(capsys, argv: list[str]) -> str:
 
 
 def test_registry_names_and_unknown_name(cfg):
-    assert list_datasets() == ["cifar10", "imagefolder", "mnist5k", "npz"]
-    with pytest.raises(UnknownNameError, match="choose one of: cifar10, imagefolder, mnist5k, npz"):
+    assert list_datasets() == ["cifar10", "csv", "imagefolder", "mnist5k", "nifti", "npz"]
+    with pytest.raises(UnknownNameError, match="choose one of: cifar10, csv, imagefolder, mnist5k, nifti, npz"):
         load_dataset(replace(cfg, dataset="svhn"))
     assert "imagefolder:PATH" in describe_dataset(None, cfg)
 
@@ -300,7 +300,9 @@ def test_imagefolder_all_gray_has_one_channel_and_keeps_first_size(tmp_path, cfg
     Image.fromarray(np.full((8, 10), 0x1234, dtype=np.uint16)).save(root / "y" / "sixteen_bit.png")
     data = load_dataset(replace(cfg, dataset=f"imagefolder:{root}", test_fraction=0.0, val_fraction=0.0))
     assert data.train.images.shape == (5, 1, 8, 10)  # (H, W) of the first training image
-    assert data.train.images[-1].unique().tolist() == [0x12]  # 16-bit gray keeps its high byte
+    assert data.train.images.dtype == torch.uint16  # one 16-bit image: the gray dataset keeps 16 bits
+    assert data.train.images[-1].unique().tolist() == [0x1234]  # all of them, not the high byte
+    assert data.train.images[:-1].int().remainder(257).eq(0).all()  # 8-bit images in the 16-bit range (x 257)
 
 
 def test_decode_image_converts_to_the_channels_asked_for(tmp_path):
@@ -327,13 +329,13 @@ def test_imagefolder_decodes_once_then_reads_the_cache(tmp_path, cfg, monkeypatc
     write_images(root / "b", [("RGB", (8, 8))] * 3)
     spec = replace(cfg, dataset=f"imagefolder:{root}")
     decoded = []
-    real_decode = imagefolder.decode_image
+    real_decode = decode.decode_raw
 
     def counting_decode(path, *args):
         decoded.append(path)
         return real_decode(path, *args)
 
-    monkeypatch.setattr(imagefolder, "decode_image", counting_decode)
+    monkeypatch.setattr(decode, "decode_raw", counting_decode)
     first = load_dataset(spec)
     assert len(decoded) == 6
     second = load_dataset(spec)
@@ -474,8 +476,13 @@ def test_npz_2d_with_column_labels_class_names_and_float_pixels(tmp_path, cfg):
         1,
     )
     assert (len(data.train), len(data.val), len(data.test)) == (16, 4, 4)
-    expected = torch.from_numpy(np.rint(x_train[:4] * 255).astype(np.uint8))[:, None]
+    # floats between the levels of 8 bits: stored at 16, so that they keep their levels
+    expected = torch.from_numpy(np.rint(x_train[:4] * np.float32(65535)).astype(np.uint16))[:, None]
     assert torch.equal(data.test.images, expected)
+    assert (data.intensity.low, data.intensity.high, data.intensity.levels) == (0.0, 1.0, 65535)
+    np.savez(file, x=np.rint(x_train * 255) / 255, y=y_train)  # floats on the 8-bit grid: 8 bits keep them all
+    data = load_dataset(replace(cfg, dataset=f"npz:{file}"))
+    assert data.train.images.dtype == torch.uint8 and data.intensity.levels == 255
 
 
 def test_npz_channels_last_layout_and_unsplit_arrays(tmp_path, cfg):
@@ -518,19 +525,20 @@ def test_npz_3d_volumes(tmp_path, cfg):
             {"x": np.zeros((4, 3, 3)), "y": np.array([0, 1, 2, 3]), "class_names": np.array(["a", "b"])},
             r"labels in \[0, 3\], outside 0..1 for 2 classes",
         ),
-        ({"x": np.zeros((4, 3, 3)), "y": np.array([0, 1, -1, 0])}, r"y_train holds negative labels \(down to -1\)"),
+        ({"x": np.zeros((4, 3, 3)), "y": np.array([0, 1, -1, 0])}, r"y holds negative labels \(down to -1\)"),
         (
             {"x": np.full((4, 3, 3), np.nan), "y": np.zeros(4, int)},
-            r"contains NaN/inf values in x_train; clean the data",
+            r"contains NaN/inf values in x; clean the data",
         ),
-        ({"x": np.full((4, 3, 3), 300.0), "y": np.zeros(4, int)}, r"values in \[0, 300\]; rescale"),
-        ({"pixels": np.zeros((4, 3, 3))}, r"expected x_train, y_train"),
+        ({"x": np.full((4, 3, 3), 300.5), "y": np.zeros(4, int)}, r"values in \[300.5, 300.5\], which --intensity"),
+        ({"pixels": np.zeros((4, 3, 3))}, r"expected train_images, train_labels \(MedMNIST.*x_train, y_train"),
     ],
 )
 def test_bad_npz_contents_are_dataset_errors(tmp_path, cfg, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DatasetError, match=message):
-        load_dataset(replace(cfg, dataset=f"npz:{tmp_path / 'bad.npz'}", val_fraction=0.0, test_fraction=0.0))
+        dataset = f"npz:{tmp_path / 'bad.npz'}"
+        load_dataset(replace(cfg, dataset=dataset, val_fraction=0.0, test_fraction=0.0, intensity="none"))
 
 
 X, Y = np.zeros((20, 4, 4), np.uint8), np.arange(20) % 2
@@ -539,16 +547,16 @@ X, Y = np.zeros((20, 4, 4), np.uint8), np.arange(20) % 2
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"x": X, "y": np.array([0, 100000] * 10)}, r"y_train holds label 100000, but the dataset has only 20 images"),
+        ({"x": X, "y": np.array([0, 100000] * 10)}, r"y holds label 100000, but the dataset has only 20 images"),
         (
             {"x": np.zeros((300, 2, 2), np.uint8), "y": np.array([0, 150] * 150)},
             r"labels run up to 150 but classes 1, 2, 3, 4, 5, ... \(149 of 151\) have no images; relabel",
         ),
-        ({"x": X, "y": Y - 1}, r"y_train holds negative labels \(down to -1\)"),
-        ({"x": X, "y": Y / 2}, r"y_train holds non-integer labels \(e.g. 0.5\)"),
-        ({"x": X, "y": np.where(Y == 0, np.nan, 1.0)}, r"y_train contains NaN/inf labels"),
-        ({"x": X, "y": Y.astype(str)}, r"y_train is a <U21 array; store integer class indices"),
-        ({"x": X, "y": np.eye(2)[Y]}, r"y_train has shape \(20, 2\); store one class index per image"),
+        ({"x": X, "y": Y - 1}, r"y holds negative labels \(down to -1\)"),
+        ({"x": X, "y": Y / 2}, r"y holds non-integer labels \(e.g. 0.5\)"),
+        ({"x": X, "y": np.where(Y == 0, np.nan, 1.0)}, r"y contains NaN/inf labels"),
+        ({"x": X, "y": Y.astype(str)}, r"y is a <U21 array; store integer class indices"),
+        ({"x": X, "y": np.eye(2)[Y]}, r"y has shape \(20, 2\); store one class index per image"),
         ({"x_train": X, "y_train": Y[:10]}, r"y_train holds 10 labels for 20 images"),
         ({"x": X, "y": Y, "class_names": np.array([], dtype=str)}, r"class_names is empty"),
     ],

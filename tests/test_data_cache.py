@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ddcnn.config import DataConfig
-from ddcnn.data import cache, imagefolder, load_dataset, manifest
+from ddcnn.data import cache, decode, load_dataset, manifest
 from ddcnn.data.loader import _MemmapBatches
 from ddcnn.errors import CacheNotWritableError, DatasetError, DiskFullError
 
@@ -62,13 +62,13 @@ def cfg(tmp_path: Path, tree: Path) -> DataConfig:
 def decoded(monkeypatch) -> list[str]:
     """The paths of the images decoded, in order."""
     paths: list[str] = []
-    real = imagefolder.decode_image
+    real = decode.decode_raw
 
     def counting(path, *args):
         paths.append(path)
         return real(path, *args)
 
-    monkeypatch.setattr(imagefolder, "decode_image", counting)
+    monkeypatch.setattr(decode, "decode_raw", counting)
     return paths
 
 

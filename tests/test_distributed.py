@@ -8,8 +8,11 @@ the 1-process reference itself, from the same seed, and compares. The whole runs
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -24,7 +27,8 @@ import torch.multiprocessing as mp
 import yaml
 
 import ddcnn
-from ddcnn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
+from ddcnn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, inapplicable_options
+from ddcnn.data import ImageSet, make_loader
 from ddcnn.decomposition import Decomposition
 from ddcnn.distributed import (
     DistContext,
@@ -33,12 +37,14 @@ from ddcnn.distributed import (
     assign_subdomains,
     balanced_blocks,
     data_parallel_bytes_per_step,
+    ddp_bytes_per_step,
     distributed_session,
 )
+from ddcnn.distributed.ddp import _buffer_options
 from ddcnn.errors import ConfigError, DistributedError
 from ddcnn.models import LocalCNNs
 from ddcnn.models.aggregators import create_aggregator
-from ddcnn.train import load_checkpoint
+from ddcnn.train import Trainer, load_checkpoint
 from ddcnn.train.evaluation import classification_loss
 from ddcnn.train.optim import build_optimizer
 
@@ -137,13 +143,16 @@ def test_one_process_collectives_of_training_change_nothing():
     twin.load_state_dict(model.state_dict())
     optimizer = build_optimizer(model.named_parameters(), TrainConfig())
     x, y = torch.randn(B, 1, 12, 12), torch.randint(0, K, (B,))
-    for m in (model, twin):
-        classification_loss(m(x), y).backward()
     params, twin_params = list(model.parameters()), list(twin.parameters())
+    replicas = parallel.replicate(model, params, TrainConfig(ddp_hook="powersgd"))  # nothing to average: no DDP
+    assert replicas.module is model and replicas.ddp is None
+    with replicas.micro_batch(sync=True):
+        classification_loss(replicas.module(x), y).backward()
+    classification_loss(twin(x), y).backward()
     grads = [p.grad.clone() for p in params]
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, twin_params))
     buffers = [b.clone() for b in model.buffers()]
 
-    parallel.sync_gradients(params)
     parallel.sync_buffers(model)
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers))
@@ -281,23 +290,164 @@ def test_checkpoint_state_is_gathered_and_split_exactly():
     spawn(_check_states_and_metrics)
 
 
-def _check_data_parallel_gradients(ctx: DistContext) -> None:
-    full, _, x, y = _models()
-    full.eval()  # batch norm on running statistics: each image's gradient is independent of the others
-    classification_loss(full(x), y).backward()
-    reference = [p.grad.clone() for p in full.parameters()]
-    full.zero_grad()
+def _replica(ctx: DistContext, cfg: TrainConfig, dtype: torch.dtype = torch.float32) -> tuple[Any, Parallel]:
+    """The 2x2 local CNNs of :func:`_models`, replicated by DDP over the 2 ranks (data parallel) with ``cfg``."""
+    full = _models()[0].to(dtype)
     parallel = Parallel(ctx, 4, mode="data")
+    replicas = parallel.replicate(full, list(full.parameters()), cfg)
+    replicas.plan(total_steps=10, done_steps=0)  # PowerSGD compresses from the third step on: max(2, 10%)
+    return replicas, parallel
+
+
+def _gradients(replicas: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The gradients of one optimizer step over ``batches`` (micro-batches, their losses divided by their
+    number, averaged over the ranks at the last), as the Trainer computes them."""
+    model = replicas.ddp.module
+    model.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(batches):
+        with replicas.micro_batch(sync=i + 1 == len(batches)):
+            (classification_loss(replicas.module(x), y) / len(batches)).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _check_data_parallel_gradients(ctx: DistContext) -> None:
+    """DDP in a group of 2 ranks: the average of the two halves' gradients is the whole batch's (batch norm on
+    running statistics); in training mode, with accumulation, it is what ddcnn defines (each rank's gradient of its
+    share, batch norm over the share, then averaged: here computed in this process, in float64); each hook counts
+    what it sends: the gradients' bytes, half of them in fp16, PowerSGD's factors and its uncompressed tensors."""
+    _, _, x, y = _models()
     rows = slice(ctx.rank * B // 2, (ctx.rank + 1) * B // 2)
-    classification_loss(full(x[rows]), y[rows]).backward()
-    parallel.sync_gradients(list(full.parameters()))
-    for p, grad in zip(full.parameters(), reference):
-        torch.testing.assert_close(p.grad, grad)
-    assert parallel.communication.bytes["gradients"] == data_parallel_bytes_per_step(full)
+    plain, parallel = _replica(ctx, TrainConfig())
+    model = plain.ddp.module
+    assert plain.module is plain.ddp
+    model.eval()  # batch norm on running statistics: each image's gradient is independent of the others
+    classification_loss(model(x), y).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    for grad, expected in zip(_gradients(plain, [(x[rows], y[rows])]), reference):
+        torch.testing.assert_close(grad, expected)
+    plain_bytes = parallel.communication.bytes["gradients"]
+    assert plain_bytes == data_parallel_bytes_per_step(model) == ddp_bytes_per_step(model.parameters())
+    broadcast = [*model.parameters(), *(model.buffers() if _buffer_options()[1] else [])]  # when DDP wraps it
+    assert parallel.communication.bytes["replicas"] == sum(t.nbytes for t in broadcast)
+
+    # training mode, 2 micro-batches per step (--accumulate 2), float64: the 1-process computation of the same
+    exact, parallel = _replica(ctx, TrainConfig(), torch.float64)
+    x8, y8 = torch.randn(8, 1, 12, 12, dtype=torch.float64), torch.randint(0, K, (8,))  # the same on both ranks
+    shares = [[(x8[i : i + 2], y8[i : i + 2]) for i in (4 * r, 4 * r + 2)] for r in (0, 1)]
+    expected = None
+    for share in shares:  # each rank's step on a copy of the model, its gradients averaged
+        twin = copy.deepcopy(exact.ddp.module).train()
+        for bx, by in share:
+            (classification_loss(twin(bx), by) / 2).backward()
+        grads = [p.grad / 2 for p in twin.parameters()]
+        expected = grads if expected is None else [e + g for e, g in zip(expected, grads)]
+    for grad, want in zip(_gradients(exact, shares[ctx.rank]), expected):
+        torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)  # float64; only the sums' order differs
+    assert parallel.communication.bytes["gradients"] == data_parallel_bytes_per_step(exact.ddp.module)  # float64
+
+    fp16, parallel = _replica(ctx, TrainConfig(ddp_hook="fp16"))
+    fp16.ddp.module.eval()
+    for grad, want in zip(_gradients(fp16, [(x[rows], y[rows])]), reference):
+        torch.testing.assert_close(grad, want, rtol=1e-2, atol=1e-4)  # float16 keeps ~3 digits
+    assert parallel.communication.bytes["gradients"] * 2 == plain_bytes
+
+    powersgd, parallel = _replica(ctx, TrainConfig(ddp_hook="powersgd", powersgd_rank=1))
+    model = powersgd.ddp.module.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sent, losses = [], []
+    for _ in range(8):  # 2 plain steps, then compressed ones
+        before = parallel.communication.bytes["gradients"]
+        model.zero_grad()
+        with powersgd.micro_batch(sync=True):
+            loss = classification_loss(powersgd.module(x[rows]), y[rows])
+            loss.backward()
+        optimizer.step()
+        sent.append(parallel.communication.bytes["gradients"] - before)
+        losses.append(loss.item())
+    compressed = ddp_bytes_per_step(model.parameters(), "powersgd", 1)
+    assert sent == [plain_bytes] * 2 + [compressed] * 6 and compressed < plain_bytes / 2
+    assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0]
 
 
-def test_data_parallel_gradients_equal_the_whole_batch_gradient():
+def test_ddp_averages_and_its_hooks_count_what_they_send():
     spawn(_check_data_parallel_gradients)
+
+
+def _images(n: int = 48) -> ImageSet:
+    """``n`` 12x12 images of 3 classes, each a bright square at a place of its class's, in noise."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % K
+    images = torch.randint(0, 60, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    for k in range(K):
+        images[labels == k, :, 4 * k : 4 * k + 4, 4:8] = 255
+    return ImageSet(images, labels)
+
+
+def _check_resume(folder: Path, ctx: DistContext) -> None:
+    """Data-parallel training through DDP, stopped after epoch 1 of 2 and resumed by a new Trainer from other
+    weights, ends as the uninterrupted one (float64, so that 1e-8 is far above rounding); its checkpoints hold the
+    plain model's keys, without DDP's ``module.`` prefix."""
+    data, trainers = _images(), {}
+    for name in ("whole", "stopped", "resumed"):
+        torch.manual_seed(1 if name == "resumed" else 0)  # resumed: the checkpoint must bring the weights
+        model = LocalCNNs("vgg3", DECOMPOSITION, 1, K, width=0.25).double()
+        parallel = Parallel(ctx, 4, mode="data")
+        loaders = [
+            make_loader(data, batch_size=parallel.batch_size(16) if train else 32, train=train,
+                        cfg=DataConfig(batch_size=16, crop_padding=1), mean=(0.3,), std=(0.3,), device="cpu",
+                        shard=parallel.shard if train else (0, 1))
+            for train in (True, False)
+        ]
+        cfg = TrainConfig(epochs=2, lr=0.05, progress=False, dtype="float64", grad_clip=1.0, accumulate=2)
+        trainers[name] = Trainer(
+            model, cfg, torch.device("cpu"), 2, checkpoint=folder / ("whole.pt" if name == "whole" else "run.pt"),
+            save=ctx.is_primary, parallel=parallel, desc=name,
+            epoch_end=(lambda trainer, row: True) if name == "stopped" else None,
+        )
+        assert trainers[name]._replicas.ddp is not None  # really DDP
+        trainers[name].fit(*loaders, resume=name == "resumed")
+    whole, stopped, resumed = trainers["whole"], trainers["stopped"], trainers["resumed"]
+    assert len(stopped.history) == 1 and len(resumed.history) == 2
+    for logged, wanted in zip(resumed.history, whole.history, strict=True):
+        assert_same_numbers(logged, wanted)
+    for state in (load_checkpoint(folder / "whole.pt"), load_checkpoint(folder / "run.pt")):
+        assert list(state["model"]) == list(whole.model.state_dict())  # no "module." prefix
+    torch.testing.assert_close(resumed.model.state_dict(), whole.model.state_dict(), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(resumed.optimizer.state_dict()["state"], whole.optimizer.state_dict()["state"],
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_data_parallel_training_resumes_as_if_uninterrupted(tmp_path):
+    spawn(functools.partial(_check_resume, tmp_path))
+
+
+def test_a_ddp_hook_where_nothing_is_averaged_is_reported(tiny_run, tmp_path, caplog):
+    """Before the run, where the configuration tells (a CNN-DNN model parallel, --powersgd-rank without PowerSGD);
+    at run time, where there is one process (once, for a training placed on the processes only)."""
+
+    def warnings(**changes: Any) -> list[str]:
+        return [m for m in inapplicable_options(tiny_run(tmp_path, **changes)) if "--ddp-hook" in m or "powersgd" in m]
+
+    (message,) = warnings(method="coherent", train__ddp_hook="fp16")
+    assert "--ddp-hook fp16 has no effect with --method coherent --parallel model" in message
+    assert "use --parallel data" in message
+    assert warnings(method="coherent", train__ddp_hook="fp16", train__parallel="data") == []
+    assert warnings(method="global", train__ddp_hook="powersgd", train__powersgd_rank=4) == []
+    assert warnings(method="local", train__ddp_hook="fp16") == []  # acts where processes share a subdomain
+    (message,) = warnings(method="aggregation", pretrained=str(tmp_path), train__ddp_hook="fp16")
+    assert "only the aggregator is trained" in message
+    (message,) = warnings(method="global", train__powersgd_rank=4)
+    assert message.startswith("--powersgd-rank has no effect with --ddp-hook none")
+
+    torch.manual_seed(0)
+    model = LocalCNNs("vgg3", DECOMPOSITION, 1, K, width=0.25)
+    cfg = TrainConfig(epochs=1, progress=False, ddp_hook="fp16")
+    with caplog.at_level(logging.WARNING, logger="ddcnn"):
+        for desc in ("probe", "probe"):  # placed on the processes: the warning, once
+            Trainer(model, cfg, torch.device("cpu"), 1, parallel=Parallel.single(4), desc=desc)
+        Trainer(model, cfg, torch.device("cpu"), 1, desc="unplaced")  # an aggregator's, say: nothing to say
+    said = [r.getMessage() for r in caplog.records if "--ddp-hook" in r.getMessage()]
+    assert said == ["warning: --ddp-hook fp16 has no effect on probe: no gradients are averaged (one process)"]
 
 
 def _check_lost_process(ctx: DistContext) -> None:
@@ -426,3 +576,23 @@ def test_data_parallel_coherent_training_all_reduces_every_parameter(tmp_path, t
     (row,) = run["rows"]
     assert run["history"][0]["comm_bytes_per_step"] == row["data_parallel_bytes_per_step"] == row["parameters"] * 4
     assert row["model_parallel_bytes_per_step"] == cfg.data.batch_size * 4 * 3 * 4  # B*N*K float32, 2x2 grid, 3 classes
+
+
+@pytest.mark.slow
+def test_data_parallel_global_cnn_with_powersgd_sends_its_factors(tmp_path, tiny_data_config):
+    """The global CNN on 2 processes with --ddp-hook powersgd: 6 steps per epoch, the first 2 (10% of 12, and at
+    least 2) all-reduced as they are, the others as PowerSGD's factors, exactly as counted from the model."""
+    cfg = RunConfig(
+        method="global", out=str(tmp_path), data=tiny_data_config, model=ModelConfig(backbone="vgg3", width=0.25),
+        train=TrainConfig(epochs=2, progress=False, device="cpu", threads=1, parallel="data", ddp_hook="powersgd",
+                          powersgd_rank=1),
+    )
+    run = train(cfg, processes=2)
+    (row,) = run["rows"]
+    model = LocalCNNs("vgg3", Decomposition((1, 1), (16, 16), 0), 1, 3, width=0.25)
+    plain, compressed = (ddp_bytes_per_step(model.parameters(), "powersgd", 1, compressed=c) for c in (False, True))
+    assert plain == row["data_parallel_bytes_per_step"] and compressed < plain / 2
+    first, second = run["history"]
+    assert first["comm_bytes_per_step"] == pytest.approx((2 * plain + 4 * compressed) / 6)
+    assert second["comm_bytes_per_step"] == compressed
+    assert all(math.isfinite(r[key]) for r in run["history"] for key in ("train_loss", "val_loss"))

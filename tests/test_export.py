@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import train_global_and_aggregation
+from torchvision_reference import randomized, reference
 
 import ddcnn
 from ddcnn.cli import main
 from ddcnn.export import SPEC_KEY, export, load_safetensors
+from ddcnn.inference import Classifier
+from ddcnn.models import ModelSpec
+from ddcnn.models.pretrained import from_torchvision, key_pairs
 
 # float32 probabilities in [0, 1] of the same network by two runtimes: a few units in the last place (6e-8)
 ATOL = 1e-5
@@ -68,10 +72,13 @@ def test_safetensors_round_trip_with_the_spec_as_metadata(trained, tmp_path):
 
 
 def test_safetensors_per_local_cnn_are_standalone_backbones(trained, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     files = export(trained["aggregation"], tmp_path / "parts", "safetensors", per_local_cnn=True)
     assert [f.name for f in files] == [*(f"local_cnn_{i}.safetensors" for i in range(4)), "aggregator.safetensors"]
+    with safe_open(str(files[0]), framework="pt") as f:
+        assert f.metadata()["key_names"] == "ddcnn"  # vgg3 has no torchvision counterpart
     model = ddcnn.load(trained["aggregation"])
     local_cnns = model.model.local_cnns
     x = images(3)
@@ -85,6 +92,57 @@ def test_safetensors_per_local_cnn_are_standalone_backbones(trained, tmp_path):
             backbone.load_state_dict(weights)
             probabilities = backbone(subimages[:, i : i + 1]).softmax(-1)[:, 0]
             torch.testing.assert_close(probabilities, local[:, i], atol=1e-6, rtol=0)
+
+
+def built_in(name: str, classes: int = 5) -> Classifier:
+    """An untrained classifier of built-in backbone ``name`` at width 0.25 on 2x2 subdomains of 64x64 RGB images
+    (subimages of 32x32, as torchvision's DenseNet needs), with random batch-norm statistics."""
+    spec = ModelSpec(
+        kind="local_cnns", backbone=name, grid=(2, 2), image_shape=(64, 64), in_channels=3, num_classes=classes,
+        width=0.25, class_names=tuple("abcdefgh"[:classes]), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+    )
+    model = spec.build()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+    return Classifier(model.eval(), spec).eval()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_per_local_cnn_files_of_built_in_backbones_load_into_torchvision_models(name, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    classifier = built_in(name)
+    files = export(classifier, tmp_path / "parts", "safetensors", per_local_cnn=True)
+    assert [f.name for f in files] == [f"local_cnn_{i}.safetensors" for i in range(4)]
+    local_cnns = classifier.model.double()
+    tv = reference(name, num_classes=5, width=0.25).double().eval()  # torchvision's (at width 1: models.resnet18)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        logits, subimages = local_cnns(x), local_cnns.decomposition.split(x)
+        for i, path in enumerate(files):
+            with safe_open(str(path), framework="pt") as f:
+                assert f.metadata()["key_names"] == "torchvision"
+            tv.load_state_dict(load_file(str(path)))  # strict: exactly torchvision's names and shapes
+            want = tv(subimages[:, i])
+            torch.testing.assert_close(logits[:, i], want, rtol=0, atol=1e-10 * float(want.abs().max()))
+
+
+def test_torchvision_weights_in_a_local_cnn_come_back_out_of_export_as_they_went_in(tmp_path):
+    from safetensors.torch import load_file
+
+    classifier = built_in("resnet50")
+    tv = randomized(reference("resnet50", num_classes=5, width=0.25)).state_dict()
+    local_cnns = classifier.model
+    local_cnns.load_local_cnn(2, from_torchvision(tv, key_pairs(local_cnns.net)))
+    out = load_file(str(export(classifier, tmp_path / "parts", "safetensors", per_local_cnn=True)[2]))
+    assert set(out) == set(tv)
+    # all but the batch counts, which the local CNNs of a grouped batch norm share (they count steps only)
+    assert all(torch.equal(out[k], v) for k, v in tv.items() if not k.endswith("num_batches_tracked"))
 
 
 def test_export_command(trained, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Multi-node torchrun, as docs/distributed.md gives it: two torchrun agents on this machine play two nodes of one
 process each (gloo on the CPU, one thread each, everything on 127.0.0.1), and their runs are compared with the
-1-process run of the same config; then a node is lost in the middle of a run, and the job must end in bounded time
+1-process run of the same config (a data-parallel run, through DDP, with the same 2 processes on one node); then a node is lost in the middle of a run, and the job must end in bounded time
 with ddcnn's one-line error, and ``--resume`` on two nodes must finish it as if nothing had happened.
 
 *Two nodes on one machine.* Real nodes differ in their host names, and that settles two things that two agents on
@@ -93,9 +93,12 @@ def results(cfg: RunConfig) -> dict[str, Any]:
     return one_phase_results(Path(cfg.out))
 
 
-def train_one_process(cfg: RunConfig) -> dict[str, Any]:
-    """``ddcnn train`` of ``cfg`` under plain ``python``, one thread; its results.json."""
-    command = [sys.executable, "-m", "ddcnn", "train", "--config", str(write_config(cfg))]
+def train_on_one_node(cfg: RunConfig, processes: int = 1) -> dict[str, Any]:
+    """``ddcnn train`` of ``cfg`` under plain ``python`` (``processes`` > 1: under torchrun, on this one node), one
+    thread each; its results.json."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}", f"--master-port={_free_port()}"]
+    program = ["-m", "ddcnn", "train", "--config", str(write_config(cfg))]
+    command = [sys.executable, *(launcher if processes > 1 else []), *program]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return results(cfg)
@@ -262,7 +265,7 @@ def _tiny_local(out: Path, data: DataConfig, epochs: int = 2, **train: Any) -> R
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory, tiny_data_config) -> dict[str, Any]:
     """The 1-process local phase of 2 epochs."""
-    return train_one_process(_tiny_local(tmp_path_factory.mktemp("local1"), tiny_data_config))
+    return train_on_one_node(_tiny_local(tmp_path_factory.mktemp("local1"), tiny_data_config))
 
 
 # -- the tests --------------------------------------------------------------------------------------------------
@@ -279,13 +282,26 @@ def test_local_phase_on_two_nodes_is_the_one_process_run(tmp_path, tiny_data_con
 def test_coherent_training_on_two_nodes_is_the_one_process_run(tmp_path, tiny_run, nodes):
     """Static rendezvous (--node-rank, --master-addr, --master-port), the other form docs/distributed.md gives."""
     options = {"method": "coherent", "train__device": "cpu", "train__threads": 1, "train__dtype": DTYPE}
-    reference = train_one_process(tiny_run(tmp_path / "one", **options))
+    reference = train_on_one_node(tiny_run(tmp_path / "one", **options))
     run = nodes.train(tiny_run(tmp_path / "two", **options), rendezvous="static")
     assert_same_run(run, reference, "coherent.pt")
     batch, subdomains, classes = run["config"]["data"]["batch_size"], 4, 3
     # B*N*K float64 probabilities forward, nothing back
     assert run["history"][0]["comm_bytes_per_step"] == batch * subdomains * classes * 8
     assert reference["history"][0]["comm_bytes_per_step"] == 0
+
+
+def test_data_parallel_global_cnn_on_two_nodes_is_the_two_process_run(tmp_path, tiny_run, nodes):
+    """DDP between nodes: the global CNN with --parallel data on two nodes of one process each gives the numbers of
+    the same two processes on one node (the same shares of every batch, the same sums: a 2-rank all-reduce adds
+    the same two numbers), and all-reduces every parameter at every step."""
+    options = {"method": "global", "model__grid": (1, 1), "train__device": "cpu", "train__threads": 1,
+               "train__dtype": DTYPE, "train__parallel": "data"}
+    reference = train_on_one_node(tiny_run(tmp_path / "one", **options), processes=2)
+    run = nodes.train(tiny_run(tmp_path / "two", **options))
+    assert_same_run(run, reference, "global.pt")
+    (row,) = run["rows"]
+    assert run["history"][0]["comm_bytes_per_step"] == row["data_parallel_bytes_per_step"] == row["parameters"] * 8
 
 
 # ddcnn's command line with a callback (ddcnn.train.callbacks) that makes rank 1 block forever at the end of epoch 1

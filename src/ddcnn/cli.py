@@ -233,16 +233,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from .data import describe_dataset
 
-    print(describe_dataset(args.spec, DataConfig(image_size=args.image_size) if args.spec else None))
+    options = {"image_size": args.image_size, "intensity": args.intensity, "volume_shape": args.volume_shape}
+    print(describe_dataset(args.spec, DataConfig(**options) if args.spec else None))
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import list_models
     from .models.summary import parameter_report
 
-    grid = args.grid
-    print(parameter_report(list_models(), args.image_size, args.in_channels, args.num_classes, grid))
+    backbones = [b for given in args.backbone or [] for b in given.split(",")]  # none: every registered one
+    print(parameter_report(backbones, args.image_size, args.in_channels, args.num_classes, args.grid, args.width,
+                           args.local_width))
     return 0
 
 
@@ -319,16 +320,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     ds = sub.add_parser("datasets", help="list the datasets, or describe what a dataset spec contains")
-    ds.add_argument("spec", nargs="?", help="e.g. mnist5k, cifar10:PATH, imagefolder:PATH, npz:PATH")
+    ds.add_argument("spec", nargs="?", help="e.g. mnist5k, cifar10:PATH, imagefolder:PATH, csv:FILE, npz:PATH, "
+                    "nifti:PATH")
     ds.add_argument("--image-size", type=int, default=None,
-                    help="side length imagefolder images are resized to, as in train (default: their own size)")
+                    help="side length imagefolder and csv images are resized to, as in train (default: their own "
+                    "size)")
+    ds.add_argument("--intensity", default="auto", help="how raw values become stored levels, as in train: auto, "
+                    "none, window:LO,HI or percentile:P1,P99 (default: auto)")
+    ds.add_argument("--volume-shape", default=None, help="DxHxW grid nifti volumes are resampled to, as in train "
+                    "(default: their own shape)")
     ds.set_defaults(func=cmd_datasets)
 
-    md = sub.add_parser("models", help="list the backbones with their parameter counts")
+    md = sub.add_parser("models", help="list the backbones with their parameter counts, global and local for a grid")
     md.add_argument("--image-size", default="32x32", help="image shape, e.g. 32x32 or 28x28x28 (default: 32x32)")
     md.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
     md.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
     md.add_argument("--grid", default="2x2", help="decomposition for the local CNNs' counts (default: 2x2)")
+    md.add_argument("--backbone", action="append", metavar="NAME", help="only these (repeat or comma-separate), "
+                    "registered or your own package.module:function (default: every registered backbone)")
+    md.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1)")
+    md.add_argument("--local-width", type=float, help="width multiplier of the local CNNs (default: --width)")
     md.set_defaults(func=cmd_models)
     for command in sub.choices.values():  # every command, also those added above this line
         _add_common_flags(command, default=argparse.SUPPRESS)

@@ -45,6 +45,7 @@ from .distributed import DistContext, primary_first
 from .errors import ConfigError, UnknownNameError
 from .methods import check_names
 from .models.aggregators import aggregator_class
+from .models.pretrained import pin_init_weights
 from .phases import Experiment, MethodResult, aggregation_phase, run_coherent, run_global, run_local, run_transfer
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
 from .run_folder import config_conflicts, run_folder_lock
@@ -219,6 +220,7 @@ def compare(
         for message in check_compare_config(cc):
             if dist.is_primary:
                 log.warning("warning: %s", message)
+        cc = pin_init_weights(cc)  # the --init-weights file's sha256 in the configuration: resume refuses another
         if cc.resume:
             check_compare_resume(cc)
         return _compare(cc, data, dist, callbacks)

@@ -10,9 +10,16 @@ onnxscript; onnxruntime runs it); TorchScript by ``torch.jit.trace``.
 safetensors holds the weights: the model's state dict in ddcnn's grouped layout (the N local CNNs stacked along
 dim 0, as :class:`~ddcnn.models.LocalCNNs` holds them) with the checkpoint's spec, as JSON, in the metadata under
 ``"ddcnn_spec"``; :func:`load_safetensors` rebuilds the model from it. ``per_local_cnn=True`` writes instead one
-file per local CNN (``local_cnn_<i>.safetensors``) holding that local CNN as an ordinary standalone backbone (the
-keys of ``LocalCNNs.local_cnn(i).state_dict()``, which take subimages ``(B, C, *subimage_shape)``), and, for a
-CNN-DNN, ``aggregator.safetensors``.
+file per local CNN (``local_cnn_<i>.safetensors``) holding that local CNN as an ordinary standalone network, which
+takes subimages ``(B, C, *subimage_shape)`` normalised as the spec says, and, for a CNN-DNN,
+``aggregator.safetensors``. The built-in resnet18, resnet50, densenet121 and densenet169 are written under
+torchvision's key names and shapes (metadata ``"key_names": "torchvision"``, :func:`ddcnn.models.pretrained
+.to_torchvision`): ``torchvision.models.resnet18(num_classes=K).load_state_dict(load_file(...))`` takes them for RGB
+data (for gray data the first convolution has one input channel: replace ``conv1`` by a 1-channel one first), and so
+does ``ddcnn train --init-weights``. torchvision computes the same on the subimage where every feature map that a
+DenseNet transition pools has even sides (subimage sides that are multiples of 32); ddcnn's transitions keep the
+last row of an odd map. Other backbones are written under ddcnn's keys (``"key_names": "ddcnn"``: those of
+``LocalCNNs.local_cnn(i).state_dict()``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from .errors import ConfigError, DDCNNError
 from .inference import Classifier, load
 from .models.cnn_dnn import CNNDNN
 from .models.local_cnns import LocalCNNs
+from .models.pretrained import key_pairs, supports_torchvision_names, to_torchvision
 from .models.spec import ModelSpec
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -120,20 +128,27 @@ def export_safetensors(classifier: Classifier, out: Path) -> None:
 
 
 def export_local_cnns(classifier: Classifier, folder: Path) -> list[Path]:
-    """Each local CNN as a standalone backbone's state dict, ``local_cnn_<i>.safetensors`` in ``folder``, with the
-    spec, the subdomain's index and grid position and the subimage shape as metadata; and a CNN-DNN's aggregator."""
+    """Each local CNN as a standalone network's state dict, ``local_cnn_<i>.safetensors`` in ``folder`` (under
+    torchvision's names for the built-in ImageNet backbones), with the spec, the subdomain's index and grid position,
+    the subimage shape and the key names as metadata; and a CNN-DNN's aggregator."""
     st = _safetensors()
     model = classifier.model
     local_cnns: LocalCNNs = model.local_cnns if isinstance(model, CNNDNN) else model
     d = local_cnns.decomposition
     spec = json.dumps(classifier.spec.to_dict())
+    torchvision = supports_torchvision_names(local_cnns.backbone_name, local_cnns.net)
+    pairs = key_pairs(local_cnns.net) if torchvision else None
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for i, position in enumerate(d.subdomain_coordinates()):
         metadata = {SPEC_KEY: spec, "format": "pt", "subdomain": str(i), "position": json.dumps(list(position)),
-                    "subimage_shape": json.dumps(list(d.subimage_shape))}
+                    "subimage_shape": json.dumps(list(d.subimage_shape)),
+                    "key_names": "torchvision" if torchvision else "ddcnn"}
+        tensors = _tensors(local_cnns.local_cnn(i))
+        if pairs is not None:
+            tensors = {k: v.contiguous() for k, v in to_torchvision(tensors, pairs).items()}
         written.append(folder / f"local_cnn_{i}.safetensors")
-        st.save_file(_tensors(local_cnns.local_cnn(i)), str(written[-1]), metadata=metadata)
+        st.save_file(tensors, str(written[-1]), metadata=metadata)
     if isinstance(model, CNNDNN):
         written.append(folder / "aggregator.safetensors")
         st.save_file(_tensors(model.aggregator), str(written[-1]), metadata={SPEC_KEY: spec, "format": "pt"})

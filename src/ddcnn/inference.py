@@ -6,11 +6,16 @@
     probs = model(images)                       # uint8 (B, C, H, W) or (B, C, D, H, W), 0..255 -> (B, K)
     model.class_names
 
-The :class:`Classifier` normalises inside, as the training loader does (``(x / 255 - mean) / std`` with the training
-split's per-channel mean and std from the checkpoint's :class:`~ddcnn.models.spec.ModelSpec`), so it is also what
+The :class:`Classifier` normalises inside, as the training loader does (``(x / 255 - mean) / std`` with the
+per-channel mean and std the model was trained with, from the checkpoint's :class:`~ddcnn.models.spec.ModelSpec`: the
+training split's, or ImageNet's with ``--normalize imagenet``), so it is also what
 ``ddcnn export`` puts into an ONNX or TorchScript graph. Float input in the same 0..255 range gives the same
-probabilities as uint8 input. The probabilities are those ddcnn reports: the softmax of a CNN-DNN's class scores, or,
-for local CNNs alone (the global CNN is one local CNN on a ``1x1`` grid), the mean of their probabilities.
+probabilities as uint8 input. A model whose spec records an intensity transform (16-bit images, int16 CT, a window
+or percentile scaling, floats: :mod:`ddcnn.data.intensity`) takes raw images in the data's own range instead (e.g.
+int16 Hounsfield units) and maps them to the stored levels first, by the float32 operations the dataset was stored
+with, so it sees what training saw. The probabilities are those ddcnn reports: the softmax of a CNN-DNN's class
+scores, or, for local CNNs alone (the global CNN is one local CNN on a ``1x1`` grid), the mean of their
+probabilities.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .data.intensity import Intensity
 from .errors import CheckpointError
 from .models.cnn_dnn import CNNDNN
 from .models.spec import ModelSpec, model_from_checkpoint, spec_of
@@ -50,8 +56,14 @@ class Classifier(nn.Module):
         self.class_names: list[str] = list(spec.class_names)
         view = (1, spec.in_channels) + (1,) * len(spec.image_shape)
         std = torch.tensor(spec.std, dtype=torch.float32)
+        intensity = _intensity(spec)
+        self.intensity = None if intensity.is_identity else intensity  # None: the pixels are the stored levels
+        self.levels = float(intensity.levels)
+        low, factor = intensity.constants()
+        self.register_buffer("low", torch.tensor(low, dtype=torch.float32), persistent=False)
+        self.register_buffer("factor", torch.tensor(factor, dtype=torch.float32), persistent=False)
         # the same two float32 constants as the training loader (data/loader.py), so the inputs match to the bit
-        self.register_buffer("scale", (1.0 / (255.0 * std)).view(view), persistent=False)
+        self.register_buffer("scale", (1.0 / (self.levels * std)).view(view), persistent=False)
         self.register_buffer("shift", (torch.tensor(spec.mean, dtype=torch.float32) / std).view(view), persistent=False)
 
     @property
@@ -59,10 +71,14 @@ class Classifier(nn.Module):
         return self.spec.decomposition().num_subdomains
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """``(x / 255 - mean) / std`` as float32, checking the shape (outside tracing and export)."""
+        """``(x / 255 - mean) / std`` as float32 (the raw values mapped to the stored levels first, where the spec
+        records an intensity transform), checking the shape (outside tracing and export)."""
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self._check(images)
-        return images.float() * self.scale - self.shift
+        x = images.float()
+        if self.intensity is not None:  # as Intensity.apply: subtract, scale, clip, round, in float32
+            x = ((x - self.low) * self.factor).clamp(0, self.levels).round()
+        return x * self.scale - self.shift
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_with_subdomains(images)[0]
@@ -88,7 +104,21 @@ class Classifier(nn.Module):
             )
         if images.is_floating_point() or images.dtype == torch.uint8:
             return
+        if self.intensity is not None and not images.is_complex():
+            return  # raw integers (int16 CT, uint16 images, bool masks) in the data's own range
         raise TypeError(f"images of dtype {images.dtype}; pass uint8 or float pixels in 0..255")
+
+
+def _intensity(spec: ModelSpec) -> Intensity:
+    """The intensity transform the spec records (8-bit values as they are where it records none)."""
+    if spec.intensity is None:
+        return Intensity("auto", 0.0, 255.0, 255)
+    try:
+        return Intensity.from_dict(spec.intensity)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"the spec's intensity {spec.intensity!r} is malformed ({e}); pass a checkpoint written by ddcnn train"
+        ) from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -31,8 +31,9 @@ from .data import list_datasets
 from .data.registry import parse_spec
 from .distributed import DistContext
 from .errors import UnknownNameError
-from .models import list_models
 from .models.aggregators import aggregator_class, list_dnn_activations
+from .models.factory import check_backbone
+from .models.pretrained import pin_init_weights
 from .phases import (
     Experiment,
     MethodResult,
@@ -63,13 +64,13 @@ def list_methods() -> list[str]:
 
 
 def check_names(cfg: RunConfig | Any, aggregators: Sequence[str] = ()) -> None:
-    """Every name ``cfg`` (a RunConfig or CompareConfig) gives is a registered one: dataset, backbone, aggregators
-    and DNN activation, checked before any data loads or model trains."""
+    """Every name ``cfg`` (a RunConfig or CompareConfig) gives is a registered one: dataset, backbone (or an importable
+    factory that takes the widths asked for), aggregators and DNN activation, checked before any data loads or model
+    trains."""
     dataset, _ = parse_spec(cfg.data.dataset)
     if dataset not in list_datasets():
         raise UnknownNameError("dataset", dataset, list_datasets())
-    if cfg.model.backbone not in list_models():
-        raise UnknownNameError("backbone", cfg.model.backbone, list_models())
+    check_backbone(cfg.model.backbone, (cfg.model.width, cfg.model.local_width))
     for name in (cfg.model.aggregator, *aggregators):
         aggregator_class(name)
     if cfg.model.dnn_activation not in list_dnn_activations():
@@ -89,11 +90,13 @@ def run(cfg: RunConfig, dist: DistContext | None = None, callbacks: Sequence[Cal
     """Train ``cfg.method`` and write config, results, confusion matrix and curves to ``cfg.out``; in a
     distributed run (``dist``), every process calls this and rank 0 writes. ``callbacks``: see
     :mod:`ddcnn.train.callbacks`. The run folder is this run's alone while it runs, and ``cfg.resume`` refuses a
-    configuration that differs from the checkpoints' (:mod:`ddcnn.run_folder`)."""
+    configuration that differs from the checkpoints' (:mod:`ddcnn.run_folder`), a changed ``--init-weights`` file
+    included (its sha256 is part of the configuration)."""
     primary = dist is None or dist.is_primary
     for message in check_run_config(cfg):
         if primary:
             log.warning("warning: %s", message)
+    cfg = pin_init_weights(cfg)
     with run_folder_lock(cfg.out) if primary else contextlib.nullcontext():
         if cfg.resume:
             check_resume_folder(cfg)

@@ -4,10 +4,15 @@ Files are read the way the model's training data was: image files are decoded as
 (mode converted to gray or RGB after the checkpoint's ``in_channels``, alpha composited on black, resized bilinearly
 to the checkpoint's ``image_shape``); ``.npy`` files (volumes, or images) are scaled to uint8 as ``npz`` datasets
 are and must have the image shape already. The model is :func:`ddcnn.load`'s :class:`~ddcnn.inference.Classifier`,
-which normalises them with the training split's mean and std as the training loader does. Arguments may be files,
-folders (their image and ``.npy`` files, sorted by name) and glob patterns; the files are read, classified and
-reported ``batch_size`` at a time, never all held at once. For models with several local CNNs (a CNN-DNN, or local
+which normalises them with the mean and std the model was trained with (``--normalize``) as the training loader
+does. Arguments may be files, folders (their image and ``.npy`` files, sorted by name) and glob patterns; the files
+are read, classified and reported ``batch_size`` at a time, never all held at once. For models with several local CNNs (a CNN-DNN, or local
 CNNs alone) each subdomain's own vote (its local CNN's most probable class) is reported beside the prediction.
+
+A model whose spec records an intensity transform (:mod:`ddcnn.data.intensity`) is given the files' raw values
+instead, which it maps to its levels itself: ``.npy`` arrays as they are, 16-bit images kept (as its dataset read
+them), and NIfTI volumes (``.nii``, ``.nii.gz``) read as ``nifti`` datasets read them (oriented to RAS and resampled
+to the model's image shape).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.decode import image_values
 from .data.imagefolder import IMAGE_EXTENSIONS, decode_image
+from .data.intensity import Intensity
+from .data.nifti import is_nifti, read_volume
 from .data.npz import pixels_to_uint8
 from .errors import DatasetError
 from .inference import Classifier, load, resolve_checkpoint  # noqa: F401  (resolve_checkpoint: public here too)
@@ -71,7 +79,7 @@ def expand_images(arguments: Iterable[str | Path]) -> list[Path]:
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES)
+            inside = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix.lower() in _SUFFIXES or is_nifti(p)))
             if not inside:
                 raise DatasetError(f"{path} is a folder with no image files in it (.png, .jpg, ..., .npy)")
             files.extend(inside)
@@ -85,21 +93,33 @@ def expand_images(arguments: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def read_image(path: str | Path, in_channels: int, image_shape: tuple[int, ...]) -> np.ndarray:
-    """One file as uint8 ``(C, *image_shape)``, converted as the training data was (see the module docstring)."""
+def read_image(
+    path: str | Path, in_channels: int, image_shape: tuple[int, ...], intensity: Intensity | None = None
+) -> np.ndarray:
+    """One file as uint8 ``(C, *image_shape)``, converted as the training data was (see the module docstring); for a
+    model with an ``intensity`` transform, its raw values."""
     path = Path(path)
     if path.is_dir():
         raise DatasetError(f"{path} is a folder; pass the image files in it (.png, .jpg, ...) or .npy arrays")
     if not path.is_file():
         raise DatasetError(f"{path} does not exist; pass image files (.png, .jpg, ...) or .npy arrays")
     if path.suffix.lower() == ".npy":
-        return _read_array(path, in_channels, image_shape)
+        return _read_array(path, in_channels, image_shape, intensity)
+    if is_nifti(path):
+        volume = read_volume(path, image_shape)[0] if len(image_shape) == 3 else None
+        if volume is None or volume.shape[0] != in_channels:
+            want = f"{in_channels}-channel {len(image_shape)}D inputs"
+            raise DatasetError(f"{path} is a NIfTI volume, but the model takes {want}; pass files of its kind")
+        return volume if intensity is not None else pixels_to_uint8({"volume": volume}, path)["volume"]
     if len(image_shape) != 2:
         raise DatasetError(f"{path} is an image file, but the model takes {len(image_shape)}D volumes; pass .npy files")
-    return decode_image(path, size=(image_shape[1], image_shape[0]), channels=in_channels)
+    size = (image_shape[1], image_shape[0])
+    if intensity is not None:
+        return image_values(path, size, in_channels, intensity)
+    return decode_image(path, size=size, channels=in_channels)
 
 
-def _read_array(path: Path, in_channels: int, image_shape: tuple[int, ...]) -> np.ndarray:
+def _read_array(path: Path, in_channels: int, image_shape: tuple[int, ...], intensity: Intensity | None) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -114,7 +134,7 @@ def _read_array(path: Path, in_channels: int, image_shape: tuple[int, ...]) -> n
             f"{path} has shape {array.shape}; the model takes {'x'.join(map(str, shape))} inputs with {in_channels} "
             f"channel(s): store {shape} or {(in_channels, *shape)}"
         )
-    return pixels_to_uint8({"image": array}, path)["image"]
+    return array if intensity is not None else pixels_to_uint8({"image": array}, path)["image"]
 
 
 def iter_predictions(
@@ -146,7 +166,7 @@ def iter_predictions(
 
     for start in range(0, len(files), batch_size):
         batch = files[start : start + batch_size]
-        pixels = np.stack([read_image(p, spec.in_channels, spec.image_shape) for p in batch])
+        pixels = np.stack([read_image(p, spec.in_channels, spec.image_shape, model.intensity) for p in batch])
         with torch.inference_mode():
             probabilities, local = model.forward_with_subdomains(torch.from_numpy(pixels).to(torch_device))
         probabilities, local = probabilities.cpu(), local.cpu()

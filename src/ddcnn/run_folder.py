@@ -48,6 +48,7 @@ EPOCH_KEYS = frozenset({"train.epochs", "local_epochs", "aggregator_epochs"})
 LATER_PHASE_KEYS = frozenset({
     "method", "pretrained", "model.aggregator", "model.dnn_hidden", "model.dnn_activation", "model.dnn_dropout",
     "model.dnn_batchnorm", "aggregator_epochs", "aggregator_inputs", "augmented_passes", "transfer_aggregator",
+    "aggregator_batch_size", "aggregator_lr",
 })
 FIRST_PHASES = ("global", "local")  # and crossfit<j>, local phases on folds of the training images
 

@@ -75,12 +75,14 @@ def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset:
     accuracy = summarize(rows)
     seeds = len(cc.seeds)
     stats = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
+    local_width = "" if cc.model.local_width is None else f", local CNNs {cc.model.local_width}"
     lines = [
         f"# {dataset}: test accuracy ({stats})",
         "",
-        f"backbone {cc.model.backbone} (width {cc.model.width}), epochs: global {cc.phase_epochs('global')}, local "
-        f"{cc.phase_epochs('local')}, aggregators {cc.phase_epochs('aggregator')}, coherent and transfer "
-        f"{cc.phase_epochs('coherent')}; aggregator inputs: {cc.aggregator_inputs}.",
+        f"backbone {cc.model.backbone} (width {cc.model.width}{local_width}), epochs: global "
+        f"{cc.phase_epochs('global')}, local {cc.phase_epochs('local')}, aggregators "
+        f"{cc.phase_epochs('aggregator')}, coherent and transfer {cc.phase_epochs('coherent')}; aggregator inputs: "
+        f"{cc.aggregator_inputs}.",
         "",
         *methods_by_grids(accuracy),
         "",

@@ -34,6 +34,9 @@ def inapplicable_options(cfg: RunConfig) -> list[str]:
             messages.append("--overlap has no effect with --method global: the global CNN sees whole images")
     elif model.overlap and math.prod(cfg.model.grid) == 1:
         messages.append(f"--overlap has no effect on the grid {grid}: its one subdomain is the whole image")
+    if model.local_width is not None and (method == "global" or math.prod(cfg.model.grid) == 1):
+        messages.append("--local-width has no effect on the global CNN (--method global, or a 1x1 grid): it keeps "
+                        "--width")
     if cfg.pretrained is not None and method not in ("aggregation", "transfer"):
         messages.append(f"--pretrained has no effect with --method {method}: only aggregation and transfer start from a "
                         "pretrained local phase")
@@ -58,10 +61,36 @@ def inapplicable_options(cfg: RunConfig) -> list[str]:
     trains_local = method == "local" or (method in ("aggregation", "transfer") and not cfg.pretrained) or (
         trains_aggregator and cfg.aggregator_inputs == "crossfit"
     )
+    if method == "aggregation" and not trains_local:  # only the aggregator trains, with its own optimiser
+        sgd = ("momentum", "nesterov") if cfg.train.optimizer == "sgd" else ()
+        messages += [f"--{_flag(name)} has no effect with --method aggregation --pretrained: a trained aggregator "
+                     "trains with adamw at --aggregator-lr" for name in ("optimizer", "lr", *sgd)
+                     if getattr(cfg.train, name) != _default(TrainConfig, name)]
     if cfg.local_epochs is not None and not trains_local:
         reason = "--pretrained" if method in ("aggregation", "transfer") else f"--method {method}"
         messages.append(f"--local-epochs has no effect with {reason}: no local phase is trained")
+    messages += _inapplicable_ddp_hook(cfg, trains_local)
+    if model.init_weights is not None and not (method in ("global", "coherent") or trains_local):
+        messages.append(f"--init-weights has no effect with --method {method} and --pretrained: no CNN is trained "
+                        "from the start, the local CNNs come from --pretrained")
     return messages
+
+
+def _inapplicable_ddp_hook(cfg: RunConfig, trains_local: bool) -> list[str]:
+    """--ddp-hook acts on data-parallel training only: every training of --parallel data but the aggregator's (every
+    process trains it alike), and in model parallelism the global CNN and the local phases (their processes that
+    share a subdomain); with one process, the Trainer says so (ddcnn.distributed.ddp)."""
+    hook, method, parallel = cfg.train.ddp_hook, cfg.method, cfg.train.parallel
+    if hook == "none" or trains_local or method == "global":
+        return []
+    if parallel == "model" and method in ("coherent", "transfer"):
+        why = "a CNN-DNN trained model parallel averages no gradients (use --parallel data)"
+    elif method in ("coherent", "transfer"):
+        return []
+    else:
+        why = "only the aggregator is trained, by every process alike"
+    pretrained = " --pretrained" if cfg.pretrained else ""
+    return [f"--ddp-hook {hook} has no effect with --method {method}{pretrained} --parallel {parallel}: {why}"]
 
 
 def inapplicable_aggregation(
@@ -70,7 +99,8 @@ def inapplicable_aggregation(
     """Warnings about the options of the aggregation phase (``why``: the reason no aggregator is trained)."""
     epochs = ["aggregator_epochs"] if getattr(cfg, "aggregator_epochs", None) is not None else []
     if not trains_aggregator:
-        names = [n for n in ("aggregator_inputs", "crossfit_folds", "augmented_passes") if n in changed]
+        options = ("aggregator_inputs", "crossfit_folds", "augmented_passes", "aggregator_batch_size", "aggregator_lr")
+        names = [n for n in options if n in changed]
         return [f"--{_flag(name)} has no effect: {why}" for name in epochs + names]
     messages = []
     if "crossfit_folds" in changed and cfg.aggregator_inputs != "crossfit":
@@ -90,7 +120,10 @@ def inapplicable_data_and_training(data: DataConfig, train: TrainConfig) -> list
     messages = []
     if data.image_size is not None and _resizes(data.dataset) is False:
         messages.append(f"--image-size {data.image_size} has no effect on the dataset {data.dataset}: only imagefolder "
-                        "datasets (and CIFAR-10 read from an image tree) are resized")
+                        "and csv datasets (and CIFAR-10 read from an image tree) are resized")
+    if data.volume_shape is not None and data.dataset.partition(":")[0].strip().lower() != "nifti":
+        messages.append(f"--volume-shape {data.volume_shape} has no effect on the dataset {data.dataset}: only nifti "
+                        "volumes are resampled")
     if not data.augment:
         if data.flip:
             messages.append("--flip has no effect with --no-augment")
@@ -106,6 +139,9 @@ def inapplicable_data_and_training(data: DataConfig, train: TrainConfig) -> list
         messages.append(f"--amp has no effect on the device {device}: bf16 autocast is used on CUDA only")
     if train.schedule == "constant" and train.warmup_fraction != _default(TrainConfig, "warmup_fraction"):
         messages.append("--warmup-fraction has no effect with --schedule constant")
+    if train.ddp_hook != "powersgd" and train.powersgd_rank != _default(TrainConfig, "powersgd_rank"):
+        messages.append(f"--powersgd-rank has no effect with --ddp-hook {train.ddp_hook}: it is the rank of "
+                        "--ddp-hook powersgd")
     if train.optimizer == "adamw":
         if train.momentum != _default(TrainConfig, "momentum"):
             messages.append("--momentum has no effect with --optimizer adamw")
@@ -153,13 +189,14 @@ def _aggregator_has_state(name: str) -> bool:
 
 
 def _resizes(dataset: str) -> bool | None:
-    """Whether the reader of ``dataset`` resizes to ``image_size``: False for npz, mnist5k and the CIFAR-10 batches,
-    True for imagefolder, None where only reading it tells (cifar10 from the cache, datasets registered by users)."""
+    """Whether the reader of ``dataset`` resizes to ``image_size``: False for npz, nifti, mnist5k and the CIFAR-10
+    batches, True for imagefolder and csv, None where only reading it tells (cifar10 from the cache, datasets
+    registered by users)."""
     name, _, path = dataset.partition(":")
     name = name.strip().lower()
-    if name in ("npz", "mnist5k"):
+    if name in ("npz", "nifti", "mnist5k"):
         return False
-    if name == "imagefolder":
+    if name in ("imagefolder", "csv"):
         return True
     if name == "cifar10" and path:
         root = Path(path).expanduser()

@@ -13,9 +13,11 @@ from ..errors import ConfigError
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 PARALLEL_MODES = ("model", "data")
+DDP_HOOKS = ("none", "fp16", "powersgd")  # --ddp-hook: ddcnn.distributed.ddp
 DTYPES = ("float32", "float64")
 AMP_DTYPES = ("bfloat16", "float16")
 AGGREGATOR_INPUTS = ("train", "crossfit", "val", "augmented")
+NORMALIZATIONS = ("data", "imagenet")  # --normalize: the training split's statistics, or ImageNet's
 METHOD_NAMES = ("global", "local", "aggregation", "coherent", "transfer")  # ddcnn.methods.METHODS
 RENAMED_KEYS = {"dnn_epochs": "aggregator_epochs"}  # ddcnn 0.1's names, read (with a warning) as today's
 RENAMED_METHODS = {"cnn_dnn": "aggregation"}

@@ -4,13 +4,16 @@ those shared with ``ddcnn compare`` in :class:`SharedOptions`. Every value is ch
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from .options import (
     AGGREGATOR_INPUTS,
     AMP_DTYPES,
+    DDP_HOOKS,
     DTYPES,
     METHOD_NAMES,
+    NORMALIZATIONS,
     OPTIMIZERS,
     PARALLEL_MODES,
     RENAMED_METHODS,
@@ -26,11 +29,46 @@ def _optional_positive(value: float | None) -> bool:
     return value is None or value > 0
 
 
+INTENSITY_FORMS = "auto, none, window:LO,HI (LO < HI) or percentile:P1,P99 (0 <= P1 < P99 <= 100)"
+
+
+def parse_intensity(text: str) -> tuple[str, tuple[float, float] | None]:
+    """``"window:-1000,400"`` -> ``("window", (-1000.0, 400.0))``, ``"auto"`` -> ``("auto", None)``: the rule of
+    ``--intensity`` (:mod:`ddcnn.data.intensity` says what each does); ConfigError for any other text."""
+    name, _, values = str(text).strip().lower().partition(":")
+    if name in ("auto", "none") and not values:
+        return name, None
+    try:
+        low, high = (float(v) for v in values.split(","))
+    except ValueError:
+        low = high = math.nan
+    bounds = (0 <= low and high <= 100) if name == "percentile" else name == "window"
+    if not (bounds and math.isfinite(low) and math.isfinite(high) and low < high):
+        check(False, "intensity", text, f"one of {INTENSITY_FORMS}")
+    return name, (low, high)
+
+
+def parse_volume_shape(text: str | tuple[int, ...] | list[int] | None) -> tuple[int, int, int] | None:
+    """``"64x64x64"`` (or ``[64, 64, 64]``, as YAML may give it) -> ``(64, 64, 64)`` (D x H x W voxels); None stays
+    None."""
+    if text is None:
+        return None
+    parts = text if isinstance(text, (tuple, list)) else re.split(r"[x*,]", str(text).lower().strip("[]() "))
+    try:
+        shape = tuple(int(v) for v in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        check(False, "volume_shape", text, "three positive voxel counts DxHxW, e.g. 64x64x64, or unset")
+    return shape  # type: ignore[return-value]
+
+
 @dataclass
 class DataConfig:
     dataset: str = option(
         "mnist5k", group="data",
-        help="name or name:PATH: mnist5k, cifar10[:PATH], imagefolder:PATH, npz:PATH (`ddcnn datasets` lists them)",
+        help="name or name:PATH: mnist5k, cifar10[:PATH], imagefolder:PATH, csv:FILE, npz:PATH, nifti:PATH "
+        "(`ddcnn datasets` lists them)",
     )
     image_size: int | None = option(
         None, group="data",
@@ -40,7 +78,7 @@ class DataConfig:
     batch_size: int = option(
         64, group="training",
         help="training images per step, of the whole job (under torchrun --parallel data each process takes a "
-        "share); also the aggregation phase's batch",
+        "share); the aggregation phase has its own, --aggregator-batch-size",
     )
     eval_batch_size: int = option(
         512, group="training", help="images per batch when evaluating and computing local probabilities (speed only)"
@@ -52,6 +90,12 @@ class DataConfig:
     flip: bool = option(
         False, group="data", help="random horizontal flips (last axis) of half the training images; off by default "
         "because it breaks digits",
+    )
+    normalize: str = option(
+        "data", group="data", choices=NORMALIZATIONS,
+        help="the per-channel mean and std that inputs are normalised with, in training and inside the trained model "
+        "(ddcnn.load, predict, export): data (the training split's) or imagenet (ImageNet's, which pretrained "
+        "weights expect, see --init-weights; for 1-channel images the mean of its three means and of its three stds)",
     )
     val_fraction: float = option(
         0.1, group="data", help="fraction of the training data held out for validation, in [0, 1), where a dataset "
@@ -73,15 +117,31 @@ class DataConfig:
         "~/.cache/ddcnn",
     )
     max_memory_gb: float = option(
-        4.0, group="data", help="datasets whose uint8 images take more GB (10^9 bytes) than this are streamed from "
-        "the on-disk cache instead of held in memory",
+        4.0, group="data", help="datasets whose stored images (uint8, or uint16) take more GB (10^9 bytes) than "
+        "this are streamed from the on-disk cache instead of held in memory",
     )
     num_workers: int = option(
         0, group="data", help="DataLoader worker processes reading a streamed dataset; 0: the main process "
         "(in-memory datasets use none)",
     )
+    intensity: str = option(
+        "auto", group="data",
+        help="how raw values become stored levels (docs: ddcnn.data.intensity): auto (8-bit data as is, integers "
+        "in their 16-bit range, else the min..max), none (fixed ranges only), window:LO,HI (CT windowing: LO..HI, "
+        "e.g. Hounsfield units -1000,400, mapped to [0, 1], clipped) or percentile:P1,P99 (those percentiles of "
+        "the train split as the window); 16 bits are stored where 8 would lose levels",
+    )
+    volume_shape: str | None = option(
+        None, group="data",
+        help="DxHxW voxel grid that nifti volumes are resampled to (trilinear), e.g. 64x64x64; unset: their own "
+        "shape, which must then be one for all",
+    )
 
     def __post_init__(self) -> None:
+        rule, values = parse_intensity(self.intensity)
+        self.intensity = rule if values is None else f"{rule}:{values[0]:g},{values[1]:g}"
+        shape = parse_volume_shape(self.volume_shape)
+        self.volume_shape = None if shape is None else "x".join(map(str, shape))
         check(_optional_positive(self.image_size), "image_size", self.image_size, "a positive side length or None")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
@@ -92,14 +152,18 @@ class DataConfig:
         check(_optional_positive(self.limit_train), "limit_train", self.limit_train, "a positive count or None")
         check(self.max_memory_gb > 0, "max_memory_gb", self.max_memory_gb, "positive")
         check(self.num_workers >= 0, "num_workers", self.num_workers, "0 or more")
+        check_choices(self)
 
 
 @dataclass
 class ModelConfig:
     backbone: str = option(
-        "vgg9", group="model", help="CNN family of the global and the local CNNs (`ddcnn models` lists them)"
+        "vgg9", group="model", help="CNN family of the global and the local CNNs (`ddcnn models` lists them), or your "
+        "own: package.module:function returning an nn.Module (docs/backbones.md)",
     )
     width: float = option(1.0, group="model", help="channel-width multiplier of the backbone (0.5: half the channels)")
+    local_width: float | None = option(None, group="model", help="channel-width multiplier of the local CNNs only "
+                                       "(the global CNN keeps --width): proportionally smaller ones; unset: --width")
     grid: tuple[int, ...] = option(
         (1, 1), group="model", help="the decomposition: subdomains per axis, e.g. 2x2, or 2x2x2 for volumes; 1x1 is "
         "the global CNN",
@@ -122,14 +186,37 @@ class ModelConfig:
         0.1, group="aggregation", help="dropout probability after each hidden layer of the dnn aggregator, in [0, 1)"
     )
     dnn_batchnorm: bool = option(True, group="aggregation", help="batch norm in the dnn aggregator's hidden layers")
+    init_weights: str | None = option(
+        None, group="model", help="a file of pretrained weights that the global CNN and every local CNN start from "
+        "instead of at random: a torchvision or timm state dict (.safetensors, or .pt/.pth read with weights_only) "
+        "of resnet18, resnet50, densenet121 or densenet169 at --width 1, 2D; the classifier starts fresh, the first "
+        "convolution is summed over RGB for 1-channel images. Read by global, local, coherent and every local phase "
+        "(not with --pretrained); pair it with --normalize imagenet",
+    )
+    init_weights_sha256: str | None = option(
+        None, group="model", help="the sha256 the --init-weights file must have; unset: the run records the file's "
+        "own (config.yaml, checkpoints), so that --resume refuses a changed file",
+    )
 
     def __post_init__(self) -> None:
         self.grid = parse_grid(self.grid)
         self.dnn_hidden = tuple(int(h) for h in self.dnn_hidden)
         check(self.width > 0 and math.isfinite(self.width), "width", self.width, "a positive multiplier")
+        check(self.local_width is None or 0 < self.local_width < math.inf, "local_width", self.local_width,
+              "a positive multiplier or None")
         check(self.overlap >= 0, "overlap", self.overlap, "0 or more pixels")
         check(all(h >= 1 for h in self.dnn_hidden), "dnn_hidden", self.dnn_hidden, "positive layer sizes")
         check(0 <= self.dnn_dropout < 1, "dnn_dropout", self.dnn_dropout, "in [0, 1)")
+        if self.init_weights_sha256 is not None:
+            self.init_weights_sha256 = str(self.init_weights_sha256).strip().lower()
+            check(bool(re.fullmatch(r"[0-9a-f]{64}", self.init_weights_sha256)), "init_weights_sha256",
+                  self.init_weights_sha256, "64 hexadecimal digits (a sha256)")
+            check(self.init_weights is not None, "init_weights_sha256", self.init_weights_sha256, "given with "
+                  "--init-weights (the file it is the sha256 of)")
+
+    def width_of(self, num_subdomains: int) -> float:
+        """The CNNs' width on a grid: ``width`` for the global CNN (1 subdomain), else ``local_width`` or ``width``."""
+        return self.width if num_subdomains == 1 or self.local_width is None else self.local_width
 
 
 @dataclass
@@ -202,6 +289,12 @@ class TrainConfig:
     dist_timeout: float = option(
         30.0, group="distributed", help="minutes a process waits for the others at a collective before the job fails"
     )
+    ddp_hook: str = option(
+        "none", group="distributed", choices=DDP_HOOKS, help="DDP's communication hook for data-parallel gradients: "
+        "none (as they are), fp16 (half the bytes of float32) or powersgd (low-rank factors of each weight's, with "
+        "error feedback, after the first 10% of the steps; see --powersgd-rank and docs/distributed.md)",
+    )
+    powersgd_rank: int = option(2, group="distributed", help="rank of --ddp-hook powersgd's factors (torch advises 1-4)")
     dtype: str = option(
         "float32", group="device", choices=DTYPES,
         help="floating-point type of parameters, activations and gradients; float64 is slow, but runs that differ "
@@ -222,6 +315,7 @@ class TrainConfig:
         check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1 epoch")
         check(_optional_positive(self.threads), "threads", self.threads, "a positive count or None")
         check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "positive minutes")
+        check(self.powersgd_rank >= 1, "powersgd_rank", self.powersgd_rank, "at least 1")
 
 
 @dataclass
@@ -252,11 +346,17 @@ class SharedOptions:
         False, group="aggregation", help="transfer learning starts the aggregator from the aggregation phase's "
         "instead of at random",
     )
+    aggregator_batch_size: int = option(512, group="aggregation", help="probability vectors (N*K numbers each) per "
+                                        "step of a trained aggregator in the aggregation phase, which uses adamw")
+    aggregator_lr: float | None = option(None, group="aggregation", help="peak learning rate of the aggregation "
+                                         "phase's adamw; unset: the aggregator's own (dnn 0.01, linear 0.1)")
 
     def __post_init__(self) -> None:
         check_choices(self)
         check(self.crossfit_folds >= 2, "crossfit_folds", self.crossfit_folds, "at least 2")
         check(self.augmented_passes >= 1, "augmented_passes", self.augmented_passes, "at least 1")
+        check(self.aggregator_batch_size >= 1, "aggregator_batch_size", self.aggregator_batch_size, "at least 1")
+        check(_optional_positive(self.aggregator_lr), "aggregator_lr", self.aggregator_lr, "positive or None")
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """From a :class:`RawDataset` to :class:`DatasetSplits`: carve the splits, hold them in memory or stream them from
 the cache, and measure the train split's per-channel mean and std.
 
-A dataset whose uint8 images take more than ``cfg.max_memory_gb`` (10^9 bytes) is streamed: each split is written
-once to ``<cache>/streams/<name>-<key>/<split>_images.npy`` and opened as a read-only ``np.memmap``. Otherwise every
-split is a CPU uint8 tensor.
+A dataset whose stored images (uint8, or uint16) take more than ``cfg.max_memory_gb`` (10^9 bytes) is streamed:
+each split is written once to ``<cache>/streams/<name>-<key>/<split>_images.npy`` and opened as a read-only
+``np.memmap``. Otherwise every split is a CPU tensor of that dtype.
 
 Whatever module read it, a dataset is checked before anything is carved or copied: at least two classes, every split
 of it non-empty and of one image shape, labels in ``0..K-1``. A class left without training images by the carving is
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 
 import numpy as np
@@ -22,7 +23,8 @@ import torch
 from ..config import DataConfig
 from ..errors import ConfigError, DatasetError
 from .cache import atomic_dir, cache_root, fingerprint, save_rows, verified_entry
-from .dataset import DatasetSplits, ImageSet, RawDataset
+from .dataset import DatasetSplits, ImageSet, RawDataset, stored_levels
+from .intensity import IDENTITY
 from .splits import plan_splits
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ def assemble(raw: RawDataset, cfg: DataConfig) -> DatasetSplits:
         mean=mean,
         std=std,
         streaming=streaming,
+        intensity=raw.intensity or IDENTITY,
     )
 
 
@@ -138,22 +141,26 @@ def _stream(raw: RawDataset, plan: dict[str, tuple[str, np.ndarray]], cfg: DataC
 
 
 def channel_stats(images: torch.Tensor | np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 ``(n, C, ...)`` images, in [0, 1] units.
+    """Per-channel mean and (population) std of uint8 or uint16 ``(n, C, ...)`` images, in [0, 1] units (level /
+    255, or / 65535).
 
-    Exact integer sums, taken a chunk at a time so ``images`` may be a memmap larger than memory. A constant channel
-    gets std 1 rather than 0, so normalising never divides by zero.
+    Exact integer sums (a chunk's in uint64, their total in Python integers), taken a chunk at a time so ``images``
+    may be a memmap larger than memory. A constant channel gets std 1 rather than 0, so normalising never divides by
+    zero.
     """
     array = images.numpy() if isinstance(images, torch.Tensor) else images
+    levels = stored_levels(array)
     channels, axes = array.shape[1], (0, *range(2, array.ndim))
     chunk = max(1, _STATS_CHUNK_VALUES // max(1, int(np.prod(array.shape[1:]))))
-    total = np.zeros(channels, dtype=np.uint64)
-    squares = np.zeros(channels, dtype=np.uint64)
+    total, squares = [0] * channels, [0] * channels
     for start in range(0, len(array), chunk):
         block = np.asarray(array[start : start + chunk])
-        total += block.sum(axis=axes, dtype=np.uint64)
-        squares += np.square(block, dtype=np.uint16).sum(axis=axes, dtype=np.uint64)
+        sums = block.sum(axis=axes, dtype=np.uint64)
+        sums_of_squares = np.square(block, dtype=np.uint32).sum(axis=axes, dtype=np.uint64)
+        total = [t + int(v) for t, v in zip(total, sums)]
+        squares = [q + int(v) for q, v in zip(squares, sums_of_squares)]
     count = array.size // channels
-    mean = total / count / 255
-    std = np.sqrt(np.maximum(squares / count / 255**2 - mean**2, 0.0))
-    std = np.where(std > 0, std, 1.0)
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    mean = [t / count / levels for t in total]
+    # count * sum(x^2) - sum(x)^2 is exact in integers: no cancellation where the std is small against the mean
+    std = [math.sqrt(max(count * q - t * t, 0) / count**2) / levels for t, q in zip(total, squares)]
+    return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)

@@ -11,8 +11,9 @@ disk kills the process with SIGBUS. A full disk or quota (ENOSPC, EDQUOT) ends t
 is decoded) with a one-line :class:`CacheNotWritableError`; either way the temporary folder is removed.
 
 Checking. Each time an entry is opened (:func:`verified_entry`) its files are compared with the manifest
-(:mod:`ddcnn.data.manifest` says what is compared and when checksums are recomputed). A damaged entry is logged as
-one warning naming it and what is wrong, removed, and rebuilt from the source; it is never read. An entry without a
+(:mod:`ddcnn.data.manifest` says what is compared and when checksums are recomputed), and the settings it was made
+with (the manifest's ``meta``: the intensity transform, the dtype) with those asked for. A damaged or stale entry is
+logged as one warning naming it and what is wrong, removed, and rebuilt from the source; it is never read. An entry without a
 manifest (written before ddcnn checked its cache) counts as damaged, so it is rebuilt once.
 
 Leftovers. A writing run holds an flock on ``.ddcnn-lock`` in its temporary folder. Whenever a cache folder is used,
@@ -31,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -78,9 +79,10 @@ def file_stamp(path: Path) -> tuple[int, int]:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``final``; when the block succeeds, record its manifest and rename
-    it to ``final``.
+def atomic_dir(final: Path, meta: Mapping[str, Any] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``final``; when the block succeeds, record its manifest (with
+    ``meta`` as it is when the block ends: what the content was made with, see :mod:`.manifest`) and rename it to
+    ``final``.
 
     Before the block, :class:`CacheNotWritableError` if the folder cannot be created or written. An ENOSPC or
     EDQUOT error, also one another error was raised from (an archive reader's :class:`DatasetError`), becomes a
@@ -93,7 +95,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         lock = _hold_lock(tmp)
         yield tmp
         (tmp / _LOCK).unlink(missing_ok=True)
-        write_manifest(tmp)
+        write_manifest(tmp, meta)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -198,15 +200,24 @@ def _allocate(f: IO[bytes], size: int) -> None:
     f.flush()
 
 
-def save_rows(path: Path, source: np.ndarray, rows: np.ndarray) -> None:
+def save_rows(
+    path: Path,
+    source: np.ndarray,
+    rows: np.ndarray,
+    convert: Callable[[np.ndarray], np.ndarray] | None = None,
+    dtype: Any = None,
+) -> None:
     """Write ``source[rows]`` to the .npy file ``path`` a chunk at a time, so ``source`` may be a memmap larger
-    than memory. Ordinary writes: a full disk raises an OSError, never SIGBUS."""
-    row_bytes = max(1, math.prod(source.shape[1:]) * source.itemsize)
+    than memory; ``convert`` (e.g. an intensity transform) maps each chunk to the ``dtype`` written. Ordinary
+    writes: a full disk raises an OSError, never SIGBUS."""
+    dtype = np.dtype(source.dtype if dtype is None else dtype)
+    row_bytes = max(1, math.prod(source.shape[1:]) * max(source.itemsize, dtype.itemsize, 4 if convert else 1))
     chunk = max(1, _CHUNK_BYTES // row_bytes)
     with open(path, "wb") as f:
-        _write_npy_header(f, source.dtype, (len(rows), *source.shape[1:]))
+        _write_npy_header(f, dtype, (len(rows), *source.shape[1:]))
         for start in range(0, len(rows), chunk):
-            _write_block(f, np.ascontiguousarray(source[rows[start : start + chunk]]))
+            block = np.asarray(source[rows[start : start + chunk]])
+            _write_block(f, np.ascontiguousarray(convert(block) if convert else block, dtype=dtype))
 
 
 def _write_npy_header(f: IO[bytes], dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -221,8 +232,9 @@ def _write_block(f: IO[bytes], block: np.ndarray) -> None:
 # -- checking -----------------------------------------------------------------------------------------------------
 
 
-def verified_entry(entry: Path) -> bool:
-    """Whether ``entry`` is a complete cache entry that matches its manifest (see the module docstring).
+def verified_entry(entry: Path, expect: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``entry`` is a complete cache entry that matches its manifest (see the module docstring), made with
+    the settings ``expect`` gives (those recorded as its ``meta``; another value makes it stale, to be rebuilt).
 
     A damaged entry is logged (one warning naming it and what is wrong) and removed, and False returned so the
     caller rebuilds it; a missing one returns False. Also sweeps stale temporary folders beside ``entry``.
@@ -232,10 +244,10 @@ def verified_entry(entry: Path) -> bool:
         inode = os.lstat(entry).st_ino
     except OSError:
         return False
-    problem = entry_problem(entry) if entry.is_dir() else "it is not a folder"
+    problem = entry_problem(entry, expect) if entry.is_dir() else "it is not a folder"
     if problem is None:
         return True
-    log.warning("cache entry %s is damaged: %s; removing it and rebuilding it from the source", entry, problem)
+    log.warning("cache entry %s cannot be used: %s; removing it and rebuilding it from the source", entry, problem)
     _discard(entry, inode)
     return False
 

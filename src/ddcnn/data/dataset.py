@@ -1,5 +1,10 @@
 """The containers every dataset is loaded into: :class:`ImageSet` (one split), :class:`DatasetSplits` (train, val,
-test and their statistics) and :class:`RawDataset` (what a dataset module reads, before splitting)."""
+test and their statistics) and :class:`RawDataset` (what a dataset module reads, before splitting).
+
+Images are stored levels (:mod:`ddcnn.data.intensity`): uint8 (0..255) or, where 8 bits would lose levels, uint16
+(0..65535). On a device, uint16 images are held as int16 offset by -32768 (:func:`device_form`): the same bytes, in
+a dtype every kernel (indexing, gathers, flips, on CPU and CUDA) supports, which torch's uint16 is not.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,32 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .intensity import IDENTITY, Intensity
+
+OFFSET_16 = 32768  # a uint16 level q is held on devices as the int16 q - OFFSET_16
+_LEVELS = {torch.uint8: 255, torch.uint16: 65535, np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+
+
+def stored_levels(images: torch.Tensor | np.ndarray) -> int:
+    """The largest stored level of ``images``: 255 (uint8) or 65535 (uint16); TypeError for other dtypes."""
+    try:
+        return _LEVELS[images.dtype]
+    except KeyError:
+        raise TypeError(f"images are stored as uint8 or uint16, not {images.dtype}") from None
+
+
+def device_form(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``images`` as a tensor a device can index: uint8 as it is, uint16 as int16 offset by -:data:`OFFSET_16`
+    (the top bit flipped, so the order of the levels is kept)."""
+    if images.dtype in (torch.uint16, np.uint16):
+        array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        return torch.from_numpy(array.view(np.int16) ^ np.int16(-OFFSET_16))
+    return torch.as_tensor(images)
+
 
 @dataclass
 class ImageSet:
-    """One split: uint8 images ``(n, C, H, W)`` or ``(n, C, D, H, W)`` and int64 labels ``(n,)``.
+    """One split: uint8 or uint16 images ``(n, C, H, W)`` or ``(n, C, D, H, W)`` and int64 labels ``(n,)``.
 
     ``images`` is a CPU tensor when the dataset is held in memory and a read-only ``np.memmap`` of the on-disk cache
     when it is streamed.
@@ -27,14 +54,15 @@ class ImageSet:
         return len(self.labels)
 
     def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images and labels on ``device``; copied there on the first call and cached, so loaders share one copy."""
+        """Images (in :func:`device_form`) and labels on ``device``; copied there on the first call and cached, so
+        loaders share one copy."""
         if isinstance(self.images, np.ndarray):
             raise TypeError("a streamed ImageSet (np.memmap images) is read batch by batch, not moved to a device")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._device_copies:
-            self._device_copies[device] = (self.images.to(device), self.labels.to(device))
+            self._device_copies[device] = (device_form(self.images).to(device), self.labels.to(device))
         return self._device_copies[device]
 
 
@@ -47,9 +75,10 @@ class DatasetSplits:
     train: ImageSet
     val: ImageSet
     test: ImageSet
-    mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] units (pixel / 255)
+    mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] units (level / 255, or / 65535)
     std: tuple[float, ...]
     streaming: bool  # images are np.memmaps of the on-disk cache, read by a DataLoader
+    intensity: Intensity = IDENTITY  # how raw values became the stored levels (IDENTITY: uint8 values as they are)
 
     @property
     def num_classes(self) -> int:
@@ -75,9 +104,10 @@ class RawDataset:
     """A dataset as its module reads it: the splits it ships with (``train`` always, ``val`` and ``test`` where it
     has them), before missing splits are carved out and before the in-memory/streaming decision.
 
-    ``splits`` maps a split name to ``(images, labels)``: uint8 ``(n, C, *spatial)`` arrays (possibly memmaps of the
-    cache) and int64 ``(n,)`` arrays. ``fingerprint`` identifies the content, to key caches derived from it;
-    ``location`` says where it was read from, for ``ddcnn datasets``.
+    ``splits`` maps a split name to ``(images, labels)``: uint8 or uint16 ``(n, C, *spatial)`` arrays of stored
+    levels (possibly memmaps of the cache) and int64 ``(n,)`` arrays. ``fingerprint`` identifies the content, to key
+    caches derived from it; ``location`` says where it was read from, for ``ddcnn datasets``; ``intensity`` how raw
+    values became the levels (None: the images were 8-bit, their levels the raw values).
     """
 
     name: str
@@ -85,3 +115,4 @@ class RawDataset:
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     fingerprint: str
     location: str
+    intensity: Intensity | None = None

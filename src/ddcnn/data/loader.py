@@ -4,7 +4,7 @@ Each epoch's order and augmentation are drawn only from CPU ``torch.Generator``s
 (augmentation also from the rank), never from the global RNG, so a resumed run replays exactly the same batches and
 a CPU run draws what a GPU run draws.
 
-In-memory splits are moved to the device once as one uint8 tensor (cached on the :class:`ImageSet`) and batched by
+In-memory splits are moved to the device once as one tensor (cached on the :class:`ImageSet`) and batched by
 indexing it, as in KellerJordan/cifar10-airbench. Streamed splits (``np.memmap``) are read by a standard
 ``DataLoader`` whose sampler yields exactly the same index batches. Either way augmentation and normalisation then
 run on the device for the whole batch at once:
@@ -13,7 +13,9 @@ run on the device for the whole batch at once:
   uncovered border filled by *reflection* (no artificial black frame, which would differ from the zero background
   in some datasets and not in others); implemented as one gather with per-sample indices;
 * horizontal flip (last axis) of a random half of the batch, folded into the same gather via ``torch.where``;
-* ``x = (pixel / 255 - mean) / std`` as float32.
+* ``x = (level / levels - mean) / std`` as float32, ``levels`` 255 for uint8 images and 65535 for uint16 ones
+  (held on the device as int16 offset by -32768, see :func:`~ddcnn.data.dataset.device_form`, and shifted back
+  here, exactly, in float32).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from ..errors import ConfigError
 from .cache import reopen_array
-from .dataset import ImageSet
+from .dataset import OFFSET_16, ImageSet, device_form, stored_levels
 
 _ORDER_STREAM = 0  # the random stream that orders an epoch; stream 1 + rank augments it
 
@@ -122,7 +124,9 @@ class BatchLoader:
         self.num_samples = (shard_size // batch_size) * batch_size if drop_last else shard_size  # per epoch
         view = (1, channels) + (1,) * len(spatial)
         std_t = torch.tensor(std, dtype=torch.float32)
-        self._scale = (1.0 / (255.0 * std_t)).view(view).to(device)
+        levels = stored_levels(split.images)
+        self._offset = float(OFFSET_16) if levels == 65535 else 0.0  # the int16 device form of uint16 levels
+        self._scale = (1.0 / (float(levels) * std_t)).view(view).to(device)
         self._shift = (torch.tensor(mean, dtype=torch.float32) / std_t).view(view).to(device)
         self._streamed = isinstance(split.images, np.ndarray)
 
@@ -139,7 +143,8 @@ class BatchLoader:
             if shifts is not None and flips is not None:
                 rows = slice(i * self.batch_size, i * self.batch_size + len(x))
                 x = crop_and_flip(x, shifts[rows], flips[rows], self.crop_padding)
-            yield x.float().mul_(self._scale).sub_(self._shift), y
+            x = x.float().add_(self._offset) if self._offset else x.float()
+            yield x.mul_(self._scale).sub_(self._shift), y
 
     def _epoch_indices(self) -> torch.Tensor:
         """This rank's sample indices for the epoch, in batch order (CPU int64)."""
@@ -217,7 +222,7 @@ class _MemmapBatches(Dataset):
     def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._images is None:
             self._images = reopen_array(self._path, self._shape, self._dtype)
-        return torch.from_numpy(np.ascontiguousarray(self._images[rows.numpy()])), self._labels[rows]
+        return device_form(np.ascontiguousarray(self._images[rows.numpy()])), self._labels[rows]
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:

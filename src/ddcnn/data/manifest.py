@@ -9,6 +9,10 @@ larger entry (a streamed dataset, which hashing would read once more per run) on
 ctime changed since they were recorded are hashed: any write to a file moves its ctime, which no tool sets back, so
 what this misses is damage below the file system (bit rot). An entry without a manifest (written before ddcnn
 checked its cache) counts as damaged.
+
+It also records what the entry's content was made with, ``meta`` (for decoded images: the decoding version, the
+``--intensity`` rule and what it resolved to, and the dtype stored). An entry opened for other settings
+(:func:`entry_problem` with ``expect``) counts as stale: a changed intensity transform rebuilds it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,8 +33,9 @@ _OWN_PREFIX = ".ddcnn-"  # names at the top of an entry that are ddcnn's bookkee
 _HASH_CHUNK_BYTES = 2**20
 
 
-def write_manifest(entry: Path) -> None:
-    """Record every file of ``entry`` in its manifest: size, sha256 and stat stamp; a link, its target."""
+def write_manifest(entry: Path, meta: Mapping[str, Any] | None = None) -> None:
+    """Record every file of ``entry`` in its manifest: size, sha256 and stat stamp; a link, its target; and
+    ``meta``, what the content was made with (JSON values)."""
     listing = _listing(entry)
     files = [rel for rel, st in listing.items() if not stat.S_ISLNK(st.st_mode)]
     digests = dict(zip(files, _sha256_all(entry, files)))
@@ -39,7 +45,7 @@ def write_manifest(entry: Path) -> None:
         else {"link": os.readlink(entry / rel)}
         for rel, st in listing.items()
     }
-    _write_json(entry / MANIFEST, {"version": 1, "files": records})
+    _write_json(entry / MANIFEST, {"version": 1, "files": records, **({"meta": dict(meta)} if meta else {})})
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -51,8 +57,10 @@ def _write_json(path: Path, value: Any) -> None:
     finally:
         part.unlink(missing_ok=True)
 
-def entry_problem(entry: Path) -> str | None:
-    """What is wrong with the cache entry ``entry``, or None if it matches its manifest."""
+
+def entry_problem(entry: Path, expect: Mapping[str, Any] | None = None) -> str | None:
+    """What is wrong with the cache entry ``entry``, or None if it matches its manifest and its recorded ``meta``
+    holds the values ``expect`` gives (JSON values)."""
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
     except FileNotFoundError:
@@ -60,12 +68,18 @@ def entry_problem(entry: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"its {MANIFEST} cannot be read ({e})"
     try:
-        return _compare(entry, manifest["files"]) if manifest["version"] == 1 else f"its {MANIFEST} is too new"
+        if manifest["version"] != 1:
+            return f"its {MANIFEST} is too new"
+        recorded = manifest.get("meta", {})
+        for key, value in (expect or {}).items():
+            if recorded.get(key) != value:
+                return f"it was made with {key} {recorded.get(key)!r}, not the {value!r} asked for (stale)"
+        return _compare(entry, manifest["files"], manifest.get("meta"))
     except (KeyError, TypeError, AttributeError) as e:
         return f"its {MANIFEST} is malformed ({type(e).__name__}: {e})"
 
 
-def _compare(entry: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+def _compare(entry: Path, recorded: dict[str, dict[str, Any]], meta: dict[str, Any] | None) -> str | None:
     """What differs between the files of ``entry`` and their manifest records, or None."""
     present = _listing(entry)
     if missing := sorted(set(recorded) - set(present)):
@@ -94,7 +108,8 @@ def _compare(entry: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
     if changed:  # intact, yet restamped (copied, say): record the new stamps, so a large entry is not hashed again
         renewed = {rel: {**recorded[rel], "stamp": _stamp(present[rel])} for rel in changed}
         with contextlib.suppress(OSError):  # a read-only cache keeps the old ones
-            _write_json(entry / MANIFEST, {"version": 1, "files": {**recorded, **renewed}})
+            files = {**recorded, **renewed}
+            _write_json(entry / MANIFEST, {"version": 1, "files": files, **({"meta": meta} if meta else {})})
     return None
 
 

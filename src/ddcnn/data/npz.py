@@ -1,23 +1,33 @@
 """``npz:PATH``: images and labels as numpy arrays in an .npz file (read with ``allow_pickle=False``).
 
-Arrays. ``x_train, y_train`` with optional ``x_val, y_val`` and ``x_test, y_test`` (the MedMNIST convention), or
-one unsplit set ``x, y`` or ``images, labels`` (val and test are then carved out, see ``splits``). Optional:
-``class_names``, a string array; ``layout``, a string naming the image axes: NHW, NHWC, NCHW (2D) or NDHW, NDHWC,
-NCDHW (3D volumes).
+Arrays, in one of three forms, told apart by their names:
+
+* MedMNIST's files as the ``medmnist`` package downloads them (e.g. ``adrenalmnist3d_64.npz``): ``train_images,
+  train_labels, val_images, val_labels, test_images, test_labels``; images ``(n, H, W)`` (gray), ``(n, H, W, 3)``
+  (RGB) or ``(n, D, H, W)`` (3D), labels ``(n, 1)``. Multi-label tasks (ChestMNIST, labels ``(n, 14)``) are refused:
+  ddcnn trains single-label classifiers. The files hold no class names: classes are numbered.
+* Split arrays ``x_train, y_train`` with optional ``x_val, y_val`` and ``x_test, y_test`` (the Keras convention, and
+  that of the AdrenalMNIST3D repackaging in the shared data, which adds ``class_names``).
+* One unsplit set ``x, y`` or ``images, labels`` (val and test are then carved out, see ``splits``).
+
+Optional with any form: ``class_names``, a string array; ``layout``, a string naming the image axes: NHW, NHWC, NCHW
+(2D) or NDHW, NDHWC, NCDHW (3D volumes).
 
 Without ``layout`` the shape decides: ``(n, H, W)`` is 2D gray; ``(n, H, W, C)`` with C in {1, 3, 4} is 2D
 channels-last; any other 4D shape is a 3D gray volume ``(n, D, H, W)``; 5D is ``(n, D, H, W, C)`` if its last size
 is 1 or 3, else ``(n, C, D, H, W)``. Pass ``layout`` where this guesses wrong.
 
 Every split must hold at least one image, all splits the same image shape and the same kind of pixel numbers (all
-bool, all integers or all floats: one scaling rule serves them all), and one label per image.
+bool, all integers or all floats: one intensity rule serves them all), and one label per image.
 
 Labels are ``(n,)`` or ``(n, 1)`` class indices in ``0..K-1``: integers, or floats with whole values. With
 ``class_names``, K is its length; without, K is the largest label + 1, and every class ``0..K-1`` must occur in some
 split, so labels such as {0, 100000} are refused (before anything is allocated per class) rather than read as
-100001 classes. Pixels: uint8 as they are; bool as 0/255; other numbers are checked for NaN/inf and scaled by one
-rule for all splits: values within [0, 1] are multiplied by 255, values within [0, 255] kept, both rounded; anything
-else is an error asking to rescale.
+100001 classes. Pixels go through ``--intensity`` (:mod:`ddcnn.data.intensity`), one rule for all splits: uint8 as
+they are; bool as 0/255; values within [0, 1] or [0, 255] as 8-bit images (at 16 bits where 8 would lose levels);
+12-bit, 16-bit and int16 (CT in Hounsfield units) values at 16 bits in their range; NaN/inf is an error.
+:func:`pixels_to_uint8` is the rule of the 8-bit releases, which ``ddcnn predict`` applies to ``.npy`` files for the
+models they trained.
 """
 
 from __future__ import annotations
@@ -32,9 +42,14 @@ from ..config import DataConfig
 from ..errors import ConfigError, DatasetError
 from .cache import file_stamp, fingerprint
 from .dataset import RawDataset
+from .intensity import resolve_intensity
 
 LAYOUTS = ("NHW", "NHWC", "NCHW", "NDHW", "NDHWC", "NCDHW")
 _UNSPLIT_NAMES = (("x", "y"), ("images", "labels"))
+_SPLIT_NAMES = {  # the split forms: a split -> the names of its images and labels
+    "medmnist": {split: (f"{split}_images", f"{split}_labels") for split in ("train", "val", "test")},
+    "x_train": {split: (f"x_{split}", f"y_{split}") for split in ("train", "val", "test")},
+}
 
 
 def load_npz(path: str | None, cfg: DataConfig) -> RawDataset:
@@ -57,52 +72,71 @@ def load_npz(path: str | None, cfg: DataConfig) -> RawDataset:
             f"{file} is not a valid .npz file without pickled objects ({e}); save it with "
             "np.savez from plain numeric arrays"
         ) from None
-    raw = _split_arrays(named, file)
+    form, names = _split_names(named, file)
+    raw = {split: (named[x], named[y]) for split, (x, y) in names.items()}
     layout = _layout(named, file)
     class_names = _strings(named["class_names"], "class_names", file) if "class_names" in named else None
     if class_names is not None and not class_names:
         raise DatasetError(f"{file}: class_names is empty; store one name per class or leave it out")
-    channels_first = {split: _to_channels_first(x, layout, f"x_{split}", file) for split, (x, _) in raw.items()}
-    _check_images(channels_first, file)
+    channels_first = {split: _to_channels_first(x, layout, names[split][0], file) for split, (x, _) in raw.items()}
+    _check_images(channels_first, {split: x for split, (x, _) in names.items()}, file)
     total = sum(len(x) for x in channels_first.values())
+    if form == "medmnist":
+        _refuse_multi_label(raw, names, file)
     labels = {
-        split: _labels(y, len(channels_first[split]), f"y_{split}", file, class_names, total)
+        split: _labels(y, len(channels_first[split]), names[split][1], file, class_names, total)
         for split, (_, y) in raw.items()
     }
     class_names = class_names or _numbered_classes(labels, file)
-    named_images = pixels_to_uint8({f"x_{split}": x for split, x in channels_first.items()}, file)
-    images = {split: named_images[f"x_{split}"] for split in raw}
+    arrays = {names[split][0]: x for split, x in channels_first.items()}
+    intensity = resolve_intensity(cfg.intensity, arrays, [names["train"][0]], file)
+    images = {split: x if intensity.is_identity else intensity.apply(x) for split, x in channels_first.items()}
     return RawDataset(
         name=f"npz:{file.stem}",
         class_names=class_names,
-        splits={split: (images[split], labels[split]) for split in raw},
-        fingerprint=fingerprint(str(file.resolve()), file_stamp(file)),
+        splits={split: (np.ascontiguousarray(images[split]), labels[split]) for split in raw},
+        fingerprint=fingerprint(str(file.resolve()), file_stamp(file), cfg.intensity),
         location=str(file),
+        intensity=intensity,
     )
 
 
-def _split_arrays(named: dict[str, np.ndarray], file: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{split: (images, labels)}`` from the file's array names."""
-    if "x_train" in named or "y_train" in named:
-        splits = {}
-        for split in ("train", "val", "test"):
-            present = [name for name in (f"x_{split}", f"y_{split}") if name in named]
+def _split_names(named: dict[str, np.ndarray], file: Path) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The file's form (``medmnist``, ``x_train`` or ``unsplit``) and ``{split: (images name, labels name)}``."""
+    for form, splits in _SPLIT_NAMES.items():
+        if not any(name in named for name in splits["train"]):
+            continue
+        found = {}
+        for split, pair in splits.items():
+            present = [name for name in pair if name in named]
             if len(present) == 1:
                 raise DatasetError(
-                    f"{file} has {present[0]} but not its partner; store x_{split} and y_{split} together"
+                    f"{file} has {present[0]} but not its partner; store {pair[0]} and {pair[1]} together"
                 )
             if present:
-                splits[split] = (named[f"x_{split}"], named[f"y_{split}"])
-        if "train" not in splits:
-            raise DatasetError(f"{file} has no train split; store x_train and y_train")
-        return splits
+                found[split] = pair
+        if "train" not in found:
+            raise DatasetError(f"{file} has no train split; store {' and '.join(splits['train'])}")
+        return form, found
     for x, y in _UNSPLIT_NAMES:
         if x in named and y in named:
-            return {"train": (named[x], named[y])}
+            return "unsplit", {"train": (x, y)}
     raise DatasetError(
-        f"{file} holds arrays {sorted(named)}; expected x_train, y_train (optionally x_val, y_val, "
-        "x_test, y_test), or x, y, or images, labels"
+        f"{file} holds arrays {sorted(named)}; expected train_images, train_labels (MedMNIST, optionally with val_ "
+        "and test_), x_train, y_train (optionally x_val, y_val, x_test, y_test), or x, y, or images, labels"
     )
+
+
+def _refuse_multi_label(
+    raw: dict[str, tuple[np.ndarray, np.ndarray]], names: dict[str, tuple[str, str]], file: Path
+) -> None:
+    """A one-line :class:`DatasetError` for MedMNIST's multi-label tasks: labels ``(n, K)`` with K > 1."""
+    for split, (_, y) in raw.items():
+        if y.ndim == 2 and y.shape[1] > 1:
+            raise DatasetError(
+                f"{file}: {names[split][1]} holds {y.shape[1]} labels per image, a multi-label MedMNIST task (as "
+                "ChestMNIST); ddcnn trains single-label classifiers, so multi-label tasks are not supported"
+            )
 
 
 def _strings(value: np.ndarray, name: str, file: Path) -> list[str]:
@@ -173,28 +207,27 @@ def pixels_to_uint8(arrays: Mapping[str, np.ndarray], source: str | Path) -> dic
     return converted
 
 
-def _check_images(images: dict[str, np.ndarray], file: Path) -> None:
-    """Every split non-empty, of the train split's image shape ``(C, *spatial)`` and kind of pixel numbers."""
+def _check_images(images: dict[str, np.ndarray], names: dict[str, str], file: Path) -> None:
+    """Every split non-empty, of the train split's image shape ``(C, *spatial)`` and kind of pixel numbers;
+    ``names``: each split's array name."""
     train = images["train"]
     for split, x in images.items():
-        name = f"x_{split}"
+        name = names[split]
         if len(x) == 0:
-            raise DatasetError(
-                f"{file}: {name} holds no images; store at least one image in it or leave x_{split}, y_{split} out"
-            )
+            raise DatasetError(f"{file}: {name} holds no images; store at least one image in it or leave it out")
         if 0 in x.shape:
             raise DatasetError(
                 f"{file}: {name} holds images of shape {_image_shape(x)}, without pixels; store non-empty images"
             )
         if x.shape[1:] != train.shape[1:]:
             raise DatasetError(
-                f"{file}: {name} holds images of shape {_image_shape(x)} but x_train {_image_shape(train)} "
+                f"{file}: {name} holds images of shape {_image_shape(x)} but {names['train']} {_image_shape(train)} "
                 "(channels x size); store every split at one image shape"
             )
         if _pixel_kind(x) != _pixel_kind(train):
             raise DatasetError(
-                f"{file}: {name} is {x.dtype} but x_train {train.dtype}; store every split as the same kind of "
-                "numbers (all uint8, or all floats in [0, 1]) so one scaling rule fits them all"
+                f"{file}: {name} is {x.dtype} but {names['train']} {train.dtype}; store every split as the same "
+                "kind of numbers (all uint8, or all floats in [0, 1]) so one intensity rule fits them all"
             )
 
 
@@ -203,7 +236,7 @@ def _image_shape(x: np.ndarray) -> str:
 
 
 def _pixel_kind(x: np.ndarray) -> str:
-    """``bool``, ``integer`` or ``float`` (other dtypes: their own kind, refused by :func:`pixels_to_uint8`)."""
+    """``bool``, ``integer`` or ``float`` (other dtypes: their own kind, refused by the intensity rule)."""
     return {"b": "bool", "i": "integer", "u": "integer", "f": "float"}.get(x.dtype.kind, x.dtype.kind)
 
 

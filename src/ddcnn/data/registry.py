@@ -16,13 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import DataConfig
+from ..config.sections import parse_intensity
 from ..errors import ConfigError, UnknownNameError
 from .assemble import assemble
 from .cache import cache_root
 from .cifar10 import load_cifar10
-from .dataset import DatasetSplits, RawDataset
+from .csvfile import load_csv
+from .dataset import DatasetSplits, RawDataset, stored_levels
 from .imagefolder import load_imagefolder
+from .intensity import Intensity
 from .mnist import load_mnist5k
+from .nifti import load_nifti
 from .npz import load_npz
 from .splits import SPLITS
 
@@ -67,7 +71,17 @@ def read_dataset(cfg: DataConfig) -> RawDataset:
     name, path = parse_spec(cfg.dataset)
     if name not in _REGISTRY:
         raise UnknownNameError("dataset", name, list_datasets())
-    return _REGISTRY[name].read(path, cfg)
+    raw = _REGISTRY[name].read(path, cfg)
+    if raw.intensity is None:  # a reader of stored levels (mnist5k, the CIFAR-10 batches, a user's reader)
+        if parse_intensity(cfg.intensity)[1] is not None:
+            raise ConfigError(
+                f"--intensity {cfg.intensity} has no effect on {name}, whose images are stored as they are; it "
+                "applies to npz, nifti, csv and imagefolder datasets (use auto or none here)"
+            )
+        levels = float(stored_levels(raw.splits["train"][0]))
+        dtype = str(raw.splits["train"][0].dtype)
+        raw = dataclasses.replace(raw, intensity=Intensity(cfg.intensity, 0.0, levels, int(levels), dtype))
+    return raw
 
 
 def load_dataset(cfg: DataConfig) -> DatasetSplits:
@@ -124,11 +138,16 @@ def _describe_splits(splits: DatasetSplits, location: str) -> str:
     width = max(len(row[0]) for row in rows)
     nbytes = sum(getattr(splits, split).images.nbytes for split in SPLITS)
     table = [f"  {row[0]:<{width}}" + "".join(f"{cell:>8}" for cell in row[1:]) for row in rows]
+    train = splits.train.images if isinstance(splits.train.images, np.ndarray) else splits.train.images.numpy()
+    dtype, low, high = str(train.dtype), int(train.min()), int(train.max())
     return "\n".join(
         [
             f"dataset    {splits.name}",
-            f"images     {kind}, {channels} ({splits.in_channels} x {shape}), uint8",
+            f"images     {kind}, {channels} ({splits.in_channels} x {shape}), {dtype}",
+            f"intensity  {splits.intensity.describe()}",
+            f"levels     {low}..{high} in the train split (of 0..{stored_levels(train)})",
             f"classes    {splits.num_classes}",
+            f"splits     {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test",
             f"mean/std   {_fmt(splits.mean)} / {_fmt(splits.std)} (train, in [0, 1] units)",
             f"storage    {nbytes / 1e9:.3f} GB, {'streamed from the cache' if splits.streaming else 'in memory'}",
             f"location   {location}",
@@ -162,9 +181,22 @@ register_dataset(
     summary="<split>/<class>/<image> or <class>/<image> tree, or a .tar(.gz)/.tgz/.zip of one; resized to image_size",
 )
 register_dataset(
+    "csv",
+    load_csv,
+    forms="csv:FILE",
+    summary="a CSV of path,label[,split] rows, paths relative to its folder; images decoded as imagefolder's",
+)
+register_dataset(
     "npz",
     load_npz,
     forms="npz:PATH",
-    summary="arrays x_train, y_train [x_val, y_val] [x_test, y_test] or x, y; optional class_names "
-    "and layout; 2D or 3D",
+    summary="MedMNIST as downloaded (train_images, train_labels, val_..., test_...), or x_train, y_train [x_val, "
+    "y_val] [x_test, y_test], or x, y; optional class_names and layout; 2D or 3D",
+)
+register_dataset(
+    "nifti",
+    load_nifti,
+    forms="nifti:PATH",
+    summary="a folder of .nii/.nii.gz volumes with labels.csv (file,label[,split]) or class folders; needs "
+    "ddcnn[medical]; oriented to RAS, resampled to --volume-shape",
 )

@@ -2,9 +2,10 @@
 
 All of ddcnn's distributed code is in this package; nothing else reads the environment or calls
 ``torch.distributed``. See docs/distributed.md for the commands. Its modules: ``process`` (the processes and the
-collectives' error handling), ``placement`` (the subdomains on the ranks, :class:`Parallel`), ``state`` (a sharded
-training state to and from a 1-process checkpoint) and ``accounting`` (bytes moved, and the volumes of the whole
-model that comparisons quote).
+collectives' error handling), ``placement`` (the subdomains on the ranks, :class:`Parallel`), ``ddp`` (the
+data-parallel groups' training through torch's ``DistributedDataParallel`` and its communication hooks), ``state``
+(a sharded training state to and from a 1-process checkpoint) and ``accounting`` (bytes moved, and the volumes of
+the whole model that comparisons quote).
 
 *Processes.* ``torchrun`` (or ``srun``) starts P processes, the *ranks*. :func:`init_distributed` reads their
 environment into a :class:`DistContext` and joins the process group (gloo on CPU, nccl on GPU); a single process
@@ -16,20 +17,22 @@ process, on which every collective is an identity, and the training loop gets on
 * ``model``, the method's own parallelism: :func:`assign_subdomains` gives each rank a contiguous block of
   subdomains and the rank trains their local CNNs on whole batches, exactly as one process would. Where P > N, the
   ranks that hold the same subdomain form a data-parallel group: each takes an equal share of every batch and they
-  average their gradients.
+  average their gradients (DDP, ``ddp``).
 * ``data``, the baseline: every rank holds the whole model, takes a 1/P share of every batch, and the gradients of
-  all parameters are averaged (an all-reduce of every parameter at every step).
+  all parameters are averaged by DDP (an all-reduce of every parameter at every step, in buckets overlapped with
+  backward; fewer bytes with the ``fp16`` or ``powersgd`` hook).
 
 *Communication*, counted by :class:`Communication` in the collectives of :class:`Parallel`: none during the local
 phase (only a few numbers per epoch for the logs, and the local CNNs once per checkpoint); ``B*N*K`` probabilities
 per step forward for coherent training and transfer learning, and nothing backward (see ``placement.
 _SubdomainGather``); ``N*K`` numbers per image, once, for the aggregation phase; every parameter at every step in
-data parallelism. Gradient clipping adds one number per step (the whole model's gradient norm).
+data parallelism (what DDP's hook sends, counted by the hook). Gradient clipping adds one number per step (the whole model's gradient norm).
 """
 
 from .accounting import (
     Communication,
     data_parallel_bytes_per_step,
+    ddp_bytes_per_step,
     subdomain_gather_bytes_per_step,
     sum_over_whole_model,
 )
@@ -45,6 +48,7 @@ __all__ = [
     "assign_subdomains",
     "balanced_blocks",
     "data_parallel_bytes_per_step",
+    "ddp_bytes_per_step",
     "distributed_session",
     "init_distributed",
     "primary_first",

@@ -4,7 +4,7 @@ volumes of the whole model that the comparisons quote (docs/distributed.md, "Com
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -15,13 +15,19 @@ from ..models.local_cnns import LocalCNNs
 @dataclass
 class Communication:
     """Bytes moved by collectives, by kind: ``subdomain_gather``, ``gradients``, ``gradient_norm``, ``buffers``,
-    ``metrics``, ``checkpoint``.
+    ``metrics``, ``checkpoint``, ``replicas``.
 
     A collective's volume is the size of what it delivers (an all-gather: the gathered tensor, an all-reduce: the
-    reduced tensor), whatever algorithm the backend uses; a ring all-reduce, for example, sends about twice that
-    through each rank's link. Every rank counts the volume of the whole job (the averaging in all data-parallel
-    groups; a checkpoint's gather only on rank 0, which receives it), so rank 0's log tells it. One process moves
-    nothing.
+    reduced tensor, a broadcast: the tensor), whatever algorithm the backend uses; a ring all-reduce, for example,
+    sends about twice that through each rank's link. Every rank counts the volume of the whole job (the averaging in
+    all data-parallel groups; a checkpoint's gather only on rank 0, which receives it), so rank 0's log tells it.
+    One process moves nothing.
+
+    ``gradients`` is what DDP's communication hook all-reduces (:mod:`ddcnn.distributed.ddp`), counted by the hook
+    bucket by bucket as it sends it: the gradients as they are (``--ddp-hook none``), in float16 (``fp16``), or
+    PowerSGD's factors and the gradients it leaves uncompressed (``powersgd``). A rank alone in its group, while
+    other groups average, counts what their hooks send (:func:`ddp_bytes_per_step`). ``replicas``: DDP's broadcast
+    of the parameters (and buffers) from each group's first rank when it wraps the model, once per training.
     """
 
     bytes: Counter[str] = field(default_factory=Counter)
@@ -49,6 +55,35 @@ def data_parallel_bytes_per_step(model: nn.Module) -> int:
     """What data-parallel training of ``model`` (the whole model, where it is one process's share) all-reduces every
     step: the bytes of its trainable parameters."""
     return sum_over_whole_model(model, lambda p: p.numel() * p.element_size() if p.requires_grad else 0)
+
+
+def ddp_bytes_per_step(
+    parameters: Iterable[nn.Parameter], hook: str = "none", powersgd_rank: int = 2, compressed: bool = True
+) -> int:
+    """What DDP's gradient all-reduce of a replica with ``parameters`` sends per optimizer step, with the
+    communication hook ``hook`` (``--ddp-hook``, see :mod:`ddcnn.distributed.ddp`): ``none``, the bytes of the
+    gradients (those that require one); ``fp16``, 2 bytes per gradient element; ``powersgd``, where ``compressed``
+    (after its first plain steps), per gradient the factors of its rank ``powersgd_rank`` approximation where they
+    are less than half of it, else the gradient itself. The hooks count the same (``tests/test_distributed.py``)."""
+
+    def sent(p: nn.Parameter) -> int:
+        if hook == "fp16":
+            return p.numel() * 2
+        if hook == "powersgd" and compressed:
+            return _powersgd_numel(p, powersgd_rank) * p.element_size()
+        return p.numel() * p.element_size()
+
+    return sum(sent(p) for p in parameters if p.requires_grad)
+
+
+def _powersgd_numel(p: nn.Parameter, rank: int, min_compression_rate: int = 2) -> int:
+    """The numbers torch's ``powerSGD_hook`` sends of the gradient of ``p``: viewed as a matrix ``n x m`` (``n`` its
+    first dimension), ``(n + m) * r`` with ``r = min(n, m, rank)`` where that times ``min_compression_rate`` is less
+    than ``n * m``, else ``n * m``."""
+    n = p.shape[0] if p.dim() else 1
+    m = p.numel() // max(n, 1)
+    compressed = (n + m) * min(n, m, rank)
+    return compressed if compressed * min_compression_rate < n * m else n * m
 
 
 def subdomain_gather_bytes_per_step(

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import TrainConfig
 from ..errors import ConfigError
 from ..models.local_cnns import LocalCNNs
+from . import ddp as _ddp
 from . import state as _state
 from .accounting import Communication
 from .process import DistContext, collective
@@ -45,7 +47,7 @@ class Parallel:
 
     The training code asks it for: this rank's local CNNs (:meth:`local_cnns`) and its share of each batch
     (:attr:`shard`, :meth:`batch_size`); the subdomain gather of the CNN-DNN (:meth:`subdomain_gather`); the
-    gradient and buffer averaging of data-parallel groups (:meth:`sync_gradients`, :meth:`sync_buffers`); the whole
+    gradient and buffer averaging of data-parallel groups (:meth:`replicate`, DDP; :meth:`sync_buffers`); the whole
     model's metrics (:meth:`reduce_metrics`); and the conversion between this rank's training state and a 1-process
     checkpoint (:meth:`gather_state`, :meth:`local_state`). With one process all of these are identities, so the
     training code calls them unconditionally (:meth:`single` is the placement of a run of one process).
@@ -64,9 +66,10 @@ class Parallel:
         # the first rank of each group: the one whose copy of its subdomains is gathered, in subdomain order
         self.owners = sorted({self.placement.index(held) for held in self.placement})
         self.communication = Communication()
-        self._process_group = self._new_groups()
+        # this rank's data-parallel group's process group (None: the world, or a group of this rank alone)
+        self.process_group = self._new_groups()
         # data-parallel groups of more than one rank: each averages its gradients and buffers
-        self._averaging_groups = sum(len(self.group_of(owner)) > 1 for owner in self.owners)
+        self.averaging_groups = sum(len(self.group_of(owner)) > 1 for owner in self.owners)
 
     @classmethod
     def single(cls, num_subdomains: int = 1, device: torch.device | str = "cpu") -> Parallel:
@@ -153,21 +156,19 @@ class Parallel:
         return whole.to(local.device)
 
     # training -----------------------------------------------------------------------------------------------------
-    def sync_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
-        """Average the gradients over this rank's data-parallel group (after backward); nothing where the group is
-        this rank alone."""
-        params = [p for p in parameters if p.requires_grad]
-        self._count_averaging("gradients", params)
-        if len(self.group) == 1:
-            return
-        for p in params:
-            if p.grad is None:  # unused in this step: a zero gradient, as on the other ranks
-                p.grad = torch.zeros_like(p)
-        self._average([p.grad for p in params])
+    def replicate(
+        self, model: nn.Module, parameters: Sequence[nn.Parameter], cfg: TrainConfig, desc: str | None = None
+    ) -> _ddp.Replicas:
+        """This rank's replica of ``model`` (its share) in its data-parallel group, whose gradients of
+        ``parameters`` are averaged over the group by DDP with ``cfg.ddp_hook``; the model itself where the group is
+        this rank alone. A collective where DDP wraps the model: all ranks call it. See
+        :func:`ddcnn.distributed.ddp.replicate`."""
+        return _ddp.replicate(self, model, parameters, cfg, desc)
 
     def sync_buffers(self, module: nn.Module) -> None:
         """Average the floating-point buffers (batch-norm running statistics) over this rank's data-parallel group,
-        so that its copies of the model agree before they are evaluated or saved."""
+        so that its copies of the model agree before they are evaluated or saved. During training each copy keeps
+        the statistics of its own share of the batches (DDP does not broadcast them, see :meth:`replicate`)."""
         buffers = [b for b in module.buffers() if b.is_floating_point()]
         self._count_averaging("buffers", buffers)
         if len(self.group) > 1 and buffers:
@@ -176,20 +177,20 @@ class Parallel:
     def _count_averaging(self, kind: str, tensors: list[torch.Tensor]) -> None:
         """Count an averaging of (tensors like) ``tensors`` for the whole job: every data-parallel group of more than
         one rank averages as much, since all local CNNs are alike (also where this rank's group is itself alone)."""
-        self.communication.add(kind, sum(t.numel() * t.element_size() for t in tensors) * self._averaging_groups)
+        self.communication.add(kind, sum(t.numel() * t.element_size() for t in tensors) * self.averaging_groups)
 
     def _average(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` over this rank's data-parallel group, in place: one all-reduce of them flattened."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        collective(self.ctx.rank, dist.all_reduce, flat, group=self._process_group)
+        collective(self.ctx.rank, dist.all_reduce, flat, group=self.process_group)
         flat /= len(self.group)
         for t, value in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(value.view_as(t))
 
     def clip_grad_norm_(self, model: nn.Module, parameters: Sequence[nn.Parameter], max_norm: float) -> None:
         """``torch.nn.utils.clip_grad_norm_`` by the norm of the whole model's gradient, the one a single process
-        clips by: the ranks' squared norms summed, a parameter held by c ranks counted 1/c on each (after
-        :meth:`sync_gradients`, its c copies are equal). One all-reduce of a number."""
+        clips by: the ranks' squared norms summed, a parameter held by c ranks counted 1/c on each (after DDP's
+        averaging, its c copies are equal, whatever the hook). One all-reduce of a number."""
         if not self.ctx.distributed:
             nn.utils.clip_grad_norm_(parameters, max_norm)
             return

@@ -163,17 +163,24 @@ def collective(rank: int, operation: Callable[..., T], *args: Any, **kwargs: Any
     try:
         return operation(*args, **kwargs)
     except RuntimeError as e:
-        raise DistributedError(
-            f"rank {rank} lost contact with the other processes in {operation.__name__} ({_gist(e)}): "
-            "another process probably died or hung (see its log, or torchrun's on its node); the job ends, "
-            "run it again with --resume to continue from the last checkpoint"
-        ) from e
+        raise lost_contact(rank, operation.__name__, e) from e
+
+
+def lost_contact(rank: int, where: str, error: BaseException) -> DistributedError:
+    """The error of a collective (in ``where``) that failed with ``error``: the one line of :func:`collective`."""
+    return DistributedError(
+        f"rank {rank} lost contact with the other processes in {where} ({_gist(error)}): another process probably "
+        "died or hung (see its log, or torchrun's on its node); the job ends, run it again with --resume to "
+        "continue from the last checkpoint"
+    )
 
 
 def _gist(error: BaseException, limit: int = 160) -> str:
     """A backend's error in a few words, for a one-line message: its first line without the ``[file.cc:123]``
-    prefix of gloo's messages, up to the end of its first sentence, at most ``limit`` characters."""
+    prefix of gloo's messages (nor the prefix that an error in a future's callback gets, as DDP's all-reduces
+    raise them), up to the end of its first sentence, at most ``limit`` characters."""
     lines = str(error).strip().splitlines()
-    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0].strip() if lines else "").split(". ")[0].rstrip(".")
+    text = re.sub(r"^Got the following error when running the callback: \w+: ", "", lines[0].strip() if lines else "")
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0].rstrip(".")
     text = text or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import InputSizeError
-from .layers import CHANNELS_LAST, GroupedLinear, grouped_flatten
+from .layers import CHANNELS_LAST, GroupedLinear, grouped_flatten, split_state_dict, stack_state_dicts
 
 
 def scale(channels: int, width: float) -> int:
@@ -85,6 +85,22 @@ class Backbone(nn.Module):
             )
         logits = self.forward_head(self.forward_features(x))
         return logits if grouped_input else logits[:, 0]
+
+    # -- the groups' state dicts (the same three methods as models.stacked.StackedModules) ------------------------
+    def split_state(self, state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        """Group ``index``'s state dict, as the ``groups=1`` backbone has it, from a state dict of this one."""
+        return split_state_dict(state, self.groups, index)
+
+    def stack_states(self, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`split_state`: the state dict of ``len(states)`` groups from their own."""
+        return stack_state_dicts(list(states))
+
+    def load_copy_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Copy a ``groups=1`` backbone's state dict into group ``index``, in place."""
+        with torch.no_grad():
+            for name, value in self.state_dict().items():
+                if value.dim() > 0:
+                    value.chunk(self.groups)[index].copy_(state[name])
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the last dense layer by a fresh one with ``num_classes`` outputs."""

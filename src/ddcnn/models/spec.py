@@ -25,6 +25,7 @@ from ..checkpoint import load_checkpoint, require_keys
 from ..decomposition import Decomposition
 from ..errors import CheckpointError, CheckpointMismatchError
 from .aggregators import create_aggregator
+from .factory import is_factory_name
 from .local_cnns import LocalCNNs, _check_compatible
 
 KINDS = ("local_cnns", "cnn_dnn")
@@ -42,18 +43,21 @@ class ModelSpec:
     lists in :meth:`to_dict`; ``None`` is "not recorded"."""
 
     kind: str  # "local_cnns" (the global CNN is local CNNs on a 1x1 grid) or "cnn_dnn"
-    backbone: str  # a registered backbone (ddcnn.models.list_models)
+    backbone: str  # a registered backbone (ddcnn.models.list_models), or a factory package.module:function
     grid: tuple[int, ...]  # subdomains per spatial axis
     image_shape: tuple[int, ...]  # spatial shape of the whole images, pixels (voxels) per axis
     in_channels: int
     num_classes: int
-    width: float = 1.0  # the backbone's channel multiplier
+    width: float = 1.0  # the channel multiplier these CNNs were built with (a local-phase model's: --local-width)
     overlap: int = 0  # pixels each subimage reaches into its neighbours (ddcnn.decomposition)
     class_names: tuple[str, ...] | None = None
     mean: tuple[float, ...] | None = None  # per channel, of the training split's pixels scaled to [0, 1]
     std: tuple[float, ...] | None = None
     aggregator: str | None = None  # a registered aggregator, for a CNN-DNN
     aggregator_options: dict[str, Any] = field(default_factory=dict, hash=False)  # its constructor options
+    # how raw values became the stored levels the model was trained on (ddcnn.data.intensity.Intensity.to_dict());
+    # None: 8-bit values as they are (so in every checkpoint written before it was recorded)
+    intensity: dict[str, Any] | None = field(default=None, hash=False)
     # provenance: what made the model, not what it is
     method: str | None = None  # the ddcnn train method whose phase wrote the checkpoint
     dataset: str | None = None
@@ -73,6 +77,8 @@ class ModelSpec:
             if getattr(self, name) is not None:
                 put(name, tuple(kind(v) for v in getattr(self, name)))
         put("aggregator_options", {str(k): _frozen(v) for k, v in dict(self.aggregator_options).items()})
+        if self.intensity is not None:
+            put("intensity", dict(self.intensity))
         if self.kind not in KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if (self.kind == "cnn_dnn") != (self.aggregator is not None):
@@ -183,6 +189,12 @@ def model_from_checkpoint(state: Mapping[str, Any] | str | Path, path: str | Pat
     try:
         model = spec.build()
     except (TypeError, ValueError, KeyError) as e:  # an unknown backbone or aggregator, a grid too fine...
+        if is_factory_name(spec.backbone):  # the user's module: it must import here as it did where it trained
+            raise CheckpointError(
+                f"checkpoint {path} was trained with the backbone factory {spec.backbone}, which does not build here "
+                f"({str(e).strip().splitlines()[0]}); run where its module imports (the current directory, or "
+                "PYTHONPATH)"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} describes a model ddcnn cannot build ({_first_line(e)}); pass a .pt file written by "
             "ddcnn train"

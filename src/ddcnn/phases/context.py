@@ -18,11 +18,14 @@ from torch import nn
 from ..checkpoint import ensure_writable_folder, load_checkpoint
 from ..config import RunConfig, config_to_dict
 from ..data import DatasetSplits, ImageSet, load_dataset, make_loader
+from ..data.normalization import normalization
 from ..decomposition import Decomposition
 from ..distributed import DistContext, Parallel, data_parallel_bytes_per_step, primary_first, sum_over_whole_model
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointMismatchError
 from ..models import LocalCNNs, ModelSpec
 from ..models.aggregators import Aggregator, aggregator_options, create_aggregator
+from ..models.pretrained import load_init_weights
+from ..models.spec import spec_of
 from ..run_folder import check_resume
 from ..runtime import compute_dtype, resolve_device
 from ..train.callbacks import Callback
@@ -80,18 +83,24 @@ class Experiment:
         """Batches of ``split``; with ``parallel``, this process's share of each (training) batch."""
         data = self.data
         batch_size = self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size
+        mean, std = self.normalization()
         return make_loader(
             getattr(data, split),
             batch_size=parallel.batch_size(batch_size) if parallel else batch_size,
             train=train,
             cfg=self.cfg.data,
-            mean=data.mean,
-            std=data.std,
+            mean=mean,
+            std=std,
             device=self.device,
             seed=self.cfg.train.seed if seed is None else seed,
             shard=parallel.shard if parallel else (0, 1),
             drop_last=drop_last,
         )
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The per-channel mean and std of ``--normalize`` (the training split's, or ImageNet's) that the loaders
+        normalise with and the spec records for inference."""
+        return normalization(self.data, self.cfg.data.normalize)
 
     def decomposition(self, grid: tuple[int, ...] | None = None) -> Decomposition:
         """The decomposition of this data set's images by ``grid`` (default: the configured one)."""
@@ -107,20 +116,22 @@ class Experiment:
         ``kind`` ``local_cnns`` or ``cnn_dnn`` (with ``aggregator``, its options from the configuration);
         ``provenance``: ``method``, ``local_checkpoint``."""
         m = self.cfg.model
+        mean, std = self.normalization()
         return ModelSpec(
             kind=kind,
             backbone=m.backbone,
-            width=m.width,
+            width=m.width_of(decomposition.num_subdomains),
             grid=decomposition.grid,
             overlap=decomposition.overlap,
             image_shape=decomposition.image_shape,
             in_channels=self.data.in_channels,
             num_classes=self.data.num_classes,
             class_names=tuple(self.data.class_names),
-            mean=tuple(self.data.mean),
-            std=tuple(self.data.std),
+            mean=mean,
+            std=std,
             aggregator=aggregator,
             aggregator_options=aggregator_options(aggregator, m) if aggregator else {},
+            intensity=None if self.data.intensity.is_identity else self.data.intensity.to_dict(),  # None: uint8
             dataset=self.data.name,
             **provenance,
         )
@@ -185,8 +196,44 @@ def checkpoint_finished(path: Path) -> bool:
 
 def build_local_cnns(exp: Experiment, decomposition: Decomposition) -> LocalCNNs:
     m = exp.cfg.model
-    local_cnns = LocalCNNs(m.backbone, decomposition, exp.data.in_channels, exp.data.num_classes, m.width)
+    width = m.width_of(decomposition.num_subdomains)  # --local-width for local CNNs, --width for the global CNN
+    local_cnns = LocalCNNs(m.backbone, decomposition, exp.data.in_channels, exp.data.num_classes, width)
     return local_cnns.to(exp.device, compute_dtype(exp.cfg.train))
+
+
+def initial_local_cnns(exp: Experiment, decomposition: Decomposition) -> LocalCNNs:
+    """The local CNNs a phase trains from the start (global, local, coherent, each local phase): at random, or
+    every one of them from the pretrained weights of ``--init-weights`` (:mod:`ddcnn.models.pretrained`)."""
+    local_cnns = build_local_cnns(exp, decomposition)
+    m = exp.cfg.model
+    if m.init_weights is not None:
+        digest = load_init_weights(local_cnns, m.init_weights, m.init_weights_sha256)
+        log.info("%d %s started from %s (sha256 %s), classifier fresh for %d classes", local_cnns.num_local_cnns,
+                 m.backbone, m.init_weights, digest[:12], exp.data.num_classes)
+    return local_cnns
+
+
+def check_normalization(exp: Experiment, state: dict[str, Any], path: str | Path) -> None:
+    """Refuse pretrained local CNNs (checkpoint ``state`` at ``path``) that saw inputs normalised otherwise than
+    this run normalises them (``--normalize``); checkpoints that record no normalisation pass."""
+    spec = spec_of(state, path)
+    mean, std = exp.normalization()
+    if spec.mean is None or spec.std is None:
+        return
+    if not (_close(spec.mean, mean) and _close(spec.std, std)):
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was trained on inputs normalised with mean {_rounded(spec.mean)} and std "
+            f"{_rounded(spec.std)}, but this run normalises with {_rounded(mean)} and {_rounded(std)} (--normalize "
+            f"{exp.cfg.data.normalize}); pass the --normalize it was trained with"
+        )
+
+
+def _close(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
+
+
+def _rounded(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
 
 
 def build_aggregator(exp: Experiment, name: str, decomposition: Decomposition) -> Aggregator:

@@ -20,10 +20,12 @@ from .context import (
     MethodResult,
     build_aggregator,
     build_local_cnns,
+    check_normalization,
     checkpoint_in,
     communication_per_step,
     count_parameters,
     fit_phase,
+    initial_local_cnns,
     method_report,
 )
 from .local import local_phase_checkpoint
@@ -61,7 +63,7 @@ def run_coherent(exp: Experiment) -> MethodResult:
     """The coherent CNN-DNN: local CNNs and aggregator trained together from random initialisation."""
     decomposition = exp.decomposition()
     seed_everything(exp.cfg.train.seed)
-    local_cnns = build_local_cnns(exp, decomposition)
+    local_cnns = initial_local_cnns(exp, decomposition)
     model = _cnn_dnn(exp, local_cnns, build_aggregator(exp, exp.cfg.model.aggregator, decomposition))
     return _train_cnn_dnn(exp, model, "coherent")
 
@@ -93,6 +95,7 @@ def run_transfer(exp: Experiment) -> MethodResult:
     else:
         source = local_phase_checkpoint(exp, decomposition)
     state = load_checkpoint(source, map_location=exp.device) | {"path": str(source)}
+    check_normalization(exp, state, source)
     seed_everything(exp.cfg.train.seed)
     pretrained = CNNDNN.from_pretrained(
         state, build_local_cnns(exp, decomposition), build_aggregator(exp, name, decomposition),

@@ -20,10 +20,12 @@ from .context import (
     Experiment,
     MethodResult,
     build_local_cnns,
+    check_normalization,
     checkpoint_in,
     communication_per_step,
     count_parameters,
     fit_phase,
+    initial_local_cnns,
     local_epochs,
     method_report,
 )
@@ -39,7 +41,7 @@ def train_local_cnns(
     called after every epoch and can end training early (see :class:`~ddcnn.train.engine.Trainer`)."""
     seed_everything(exp.cfg.train.seed)
     parallel = exp.parallel(decomposition)
-    model = parallel.local_cnns(build_local_cnns(exp, decomposition))
+    model = parallel.local_cnns(initial_local_cnns(exp, decomposition))
     log.info("%s: %s", name, decomposition)
     spec = exp.spec("local_cnns", decomposition, method=name)
     fit = fit_phase(exp, model, name, epochs, spec, parallel, epoch_end)
@@ -109,5 +111,6 @@ def pretrained_local_cnns(exp: Experiment, decomposition: Decomposition) -> tupl
     state = load_checkpoint(path, map_location=exp.device)
     if not state.get("finished"):
         log.warning("local CNNs of %s are from an unfinished local phase (epoch %s)", path, state.get("epoch"))
+    check_normalization(exp, state, path)
     local_cnns = load_pretrained_local_cnns(state, build_local_cnns(exp, decomposition), str(path))
     return local_cnns.eval().requires_grad_(False), state | {"path": str(path)}

@@ -148,14 +148,19 @@ class Trainer:
     check_resumed: Callable[[dict[str, Any]], None] | None = None  # called with a checkpoint before resuming it
 
     def __post_init__(self) -> None:
+        placed = self.parallel is not None  # on the processes of a run (not, e.g., an aggregator every rank trains)
         if self.parallel is None:
             self.parallel = Parallel.single(device=self.device)
         set_backbone_channels_last(self.model, self.cfg)
-        # the forward of training and validation; compiled once per Trainer (the first steps pay for it). The
-        # checkpoints keep ``self.model``'s state dict, whose keys torch.compile's wrapper would prefix
-        self._forward: nn.Module = torch.compile(self.model) if self.cfg.compile else self.model
         self.optimizer = build_optimizer(self.parameters or self.model.named_parameters(), self.cfg)
         self._params = [param for group in self.optimizer.param_groups for param in group["params"]]
+        # data parallelism: DDP's replica of the model in this rank's data-parallel group (the model itself where
+        # that is this rank alone), which averages the gradients during backward
+        self._replicas = self.parallel.replicate(self.model, self._params, self.cfg, self.desc if placed else None)
+        # the forward of training and validation; compiled once per Trainer (the first steps pay for it). The
+        # checkpoints keep ``self.model``'s state dict, whose keys DDP's and torch.compile's wrappers would prefix
+        module = self._replicas.module
+        self._forward: nn.Module = torch.compile(module) if self.cfg.compile else module
         self._scaler = grad_scaler(self.cfg, self.device)  # float16 autocast only
         self.scheduler = None  # built in fit(), when the steps per epoch are known
         self.history: list[dict[str, Any]] = []
@@ -222,6 +227,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.epochs * optimizer_steps)
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             self.load_checkpoint(self.checkpoint)
+        self._replicas.plan(self.epochs * optimizer_steps, self.scheduler.last_epoch)
         self._callbacks.on_fit_start(self)
         with StopOnSignal() as stop:
             while self.epoch < self.epochs:
@@ -286,31 +292,32 @@ class Trainer:
     def _step(
         self, x: torch.Tensor, y: torch.Tensor, group: int = 1, first: bool = True, last: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step on the batch ``(x, y)``: forward, loss (refused where not finite), backward, the
-        gradients averaged over the data-parallel group and clipped, then the optimizer's and the schedule's step.
-        Returns the loss and the logits.
+        """One optimisation step on the batch ``(x, y)``: forward, loss (refused where not finite), backward (during
+        which DDP averages the gradients over the data-parallel group, bucket by bucket), the gradients clipped,
+        then the optimizer's and the schedule's step. Returns the loss and the logits.
 
         With gradient accumulation (``cfg.accumulate``), ``(x, y)`` is one of the ``group`` micro-batches of an
         optimisation step: the gradients are zeroed at the ``first``, each backpropagates ``loss / group`` (so that
         the sum is the gradient of the mean loss over the step's images, as for one batch of them all), and the
-        gradients are synchronised, clipped and applied at the ``last``."""
+        gradients summed so far are averaged (DDP's ``no_sync`` before), clipped and applied at the ``last``."""
         cfg = self.cfg
         x = to_memory_format(x, cfg, self.device)
-        with autocast(cfg, self.device):
-            logits = self._forward(x)
-        loss = classification_loss(logits, y, cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"{self.desc}: the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step + 1}; "
-                f"the last good checkpoint {self.checkpoint} is kept; lower the learning rate or set grad_clip"
-            )
-        if first:
-            self.optimizer.zero_grad(set_to_none=True)
-        share = loss / group if group > 1 else loss
-        (self._scaler.scale(share) if self._scaler else share).backward()
+        with self._replicas.micro_batch(sync=last):  # forward and backward: DDP decides in forward to average
+            with autocast(cfg, self.device):
+                logits = self._forward(x)
+            loss = classification_loss(logits, y, cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"{self.desc}: the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step "
+                    f"{self.step + 1}; the last good checkpoint {self.checkpoint} is kept; lower the learning rate or "
+                    "set grad_clip"
+                )
+            if first:
+                self.optimizer.zero_grad(set_to_none=True)
+            share = loss / group if group > 1 else loss
+            (self._scaler.scale(share) if self._scaler else share).backward()
         if not last:
             return loss, logits
-        self.parallel.sync_gradients(self._params)
         if self._scaler:
             self._scaler.unscale_(self.optimizer)  # clip the true gradients; a step with inf/NaN ones is skipped
         if cfg.grad_clip:
