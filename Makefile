@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench study clean
+.PHONY: setup demo test bench bench-cluster study clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# Time to accuracy on an emulated cluster of network namespaces with shaped links, and the scaling model checked
+# against it (benchmarks/cluster.py; docs/scaling.md): needs root and iproute2; about 40 minutes on 2 idle cores,
+# resumable (runs/bench-cluster/). QUICK=1: a smoke test of a few minutes.
+bench-cluster: setup
+	$(BIN)/python benchmarks/cluster.py $(if $(QUICK),--quick)
 
 # The study of docs/results.md: one `ddcnn compare` per table (study/*.yaml), each resumable, then the report
 # (study/report.py); about three hours on 2 idle CPU cores. Results go to runs/study/<table>/.
