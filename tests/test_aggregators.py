@@ -1,11 +1,14 @@
+import dataclasses
+
 import pytest
 import torch
 
-from ddcnn.config import ModelConfig
+from ddcnn.config import ModelConfig, SharedOptions
 from ddcnn.errors import ConfigError, InputSizeError, UnknownNameError
 from ddcnn.models.aggregators import (
     Aggregator,
     DNNAggregator,
+    aggregator_class,
     aggregator_options,
     create_aggregator,
     list_aggregators,
@@ -123,3 +126,12 @@ def test_dnn_refuses_bad_options():
         DNNAggregator(N, K, activation="swish")
     with pytest.raises(ConfigError, match="dnn_dropout"):
         DNNAggregator(N, K, dropout=1.0)
+
+
+def test_every_trained_aggregator_has_the_learning_rate_the_help_names():
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(SharedOptions) if f.name == "aggregator_lr")
+    trained = [name for name in list_aggregators() if aggregator_class(name).trainable]
+    assert trained == ["dnn", "linear"]
+    for name in trained:
+        lr = aggregator_class(name).default_lr
+        assert lr > 0 and f"{name} {lr:g}" in help_text, (name, lr, help_text)

@@ -33,7 +33,8 @@ def two_seeds(tiny_data_config, tmp_path_factory):
 def test_compare_writes_every_method_for_every_seed(two_seeds):
     cfg, result = two_seeds
     payload = json.loads((result.out / "results.json").read_text())
-    assert set(payload) == {"config", "rows", "provenance"} and payload["config"]["grids"] == ["2x2"]
+    assert set(payload) == {"config", "class_counts", "rows", "provenance"} and payload["config"]["grids"] == ["2x2"]
+    assert payload["class_counts"] == [36, 36, 36]  # the training split's images per class
     rows = payload["rows"]
     assert all(ROW_KEYS <= set(row) for row in rows)
     for seed in (0, 1):

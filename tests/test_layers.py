@@ -1,9 +1,12 @@
 """The fast paths of the grouped layers compute exactly what the plain torch layers compute."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ddcnn.models import layers
 from ddcnn.models.layers import CHANNELS_LAST, SmallMapConv, adaptive_avgpool, conv, small_map_conv
 
 
@@ -32,6 +35,35 @@ def test_small_map_conv_equals_the_convolution(in_shape, kernel, stride, groups,
     inputs = [x, w] + ([b] if bias else [])
     grad = torch.randn_like(expected)
     for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "in_shape, memory_format", [((2, 2), "channels_last"), ((2, 3), "contiguous"), ((2, 1, 2), "")]
+)
+def test_small_map_conv_in_chunks_of_groups_equals_the_convolution(monkeypatch, in_shape, memory_format):
+    """Groups whose dense matrices exceed SMALL_MAP_CHUNK_BYTES are done a chunk at a time (here 2, 2 and 1 of 5)."""
+    torch.manual_seed(0)
+    dims, groups, cin, cout = len(in_shape), 5, 3, 4
+    pixels = math.prod(in_shape)  # stride 1, 'same' padding: as many output pixels
+    monkeypatch.setattr(layers, "SMALL_MAP_CHUNK_BYTES", 2 * pixels * pixels * cin * cout * 8)  # 2 groups, float64
+    products = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: products.append(len(a)) or bmm(a, b))
+    x = torch.randn(3, groups * cin, *in_shape, dtype=torch.float64)
+    if memory_format == "channels_last":
+        x = x.contiguous(memory_format=CHANNELS_LAST[dims])
+    x.requires_grad_()
+    w = torch.randn(groups * cout, cin, *([3] * dims), dtype=torch.float64, requires_grad=True)
+    b = torch.randn(groups * cout, dtype=torch.float64, requires_grad=True)
+    args = ((1,) * dims, (1,) * dims)
+    expected = getattr(F, f"conv{dims}d")(x, w, b, *args, 1, groups)
+    out = small_map_conv(x, w, b, *args, groups)
+    assert products == [2, 2, 1]
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=CHANNELS_LAST[dims]) == (memory_format == "channels_last")
+    grad = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, [x, w, b], grad), torch.autograd.grad(expected, [x, w, b], grad)):
         torch.testing.assert_close(got, want)
 
 

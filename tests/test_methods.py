@@ -10,11 +10,12 @@ from ddcnn.errors import CheckpointMismatchError, ConfigError
 from ddcnn.evaluate import evaluate_checkpoint
 from ddcnn.methods import METHODS, run
 from ddcnn.models import LocalCNNs
-from ddcnn.models.aggregators import list_aggregators
+from ddcnn.models.aggregators import DNNAggregator, LinearAggregator, list_aggregators
 from ddcnn.models.cnn_dnn import CNNDNN
 from ddcnn.models.spec import ModelSpec, model_from_checkpoint, spec_of
 from ddcnn.phases import (
     Experiment,
+    aggregation,
     aggregation_phase,
     aggregator_training_inputs,
     pretrained_local_cnns,
@@ -23,6 +24,7 @@ from ddcnn.phases import (
     train_local_cnns,
 )
 from ddcnn.train import load_checkpoint
+from ddcnn.train.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,34 @@ def test_aggregator_inputs(tmp_path, tiny_run, local_phase, mode, rows):
         for fold in (0, 1):
             assert load_checkpoint(tmp_path / f"crossfit{fold}.pt")["finished"]
         torch.testing.assert_close(inputs.labels, exp.data.train.labels)
+
+
+def test_a_trained_aggregator_trains_with_adamw_at_its_own_batch_size_and_lr(tmp_path, tiny_run, local_phase):
+    # 108 training probability vectors in steps of 40: 2 steps an epoch (a last partial batch is dropped)
+    cfg = tiny_run(tmp_path, pretrained=str(local_phase[0]), aggregator_batch_size=40, train__schedule="constant")
+    (dnn,) = aggregation_phase(Experiment.from_config(cfg), ["dnn"])
+    assert [row["images"] for row in dnn.history] == [80, 80, 80]
+    assert {row["lr"] for row in dnn.history} == {DNNAggregator.default_lr}
+    assert 0 < dnn.extra["input_seconds"] <= dnn.train_seconds  # the inference pass is part of its cost
+    train = aggregation.aggregator_train_config(cfg, LinearAggregator(4, 3))
+    assert (train.optimizer, train.lr, train.schedule) == ("adamw", LinearAggregator.default_lr, "constant")
+    cfg.aggregator_lr = 0.02
+    assert aggregation.aggregator_train_config(cfg, LinearAggregator(4, 3)).lr == 0.02
+
+
+def test_cpu_chunks_cut_the_batches_and_change_no_probability(tmp_path, tiny_run, local_phase):
+    exp = Experiment.from_config(tiny_run(tmp_path, pretrained=str(local_phase[0])))
+    local_cnns, _ = pretrained_local_cnns(exp, exp.decomposition())
+    loader = exp.loader("train")  # 108 images in batches of 64 and 44
+    chunks = aggregation._Chunks(loader, pixels=10 * 16 * 16, min_images=4)  # 10 images of 16x16 pixels
+    assert [len(x) for x, _ in chunks] == [10] * 6 + [4] + [10] * 4 + [4]
+    assert [len(x) for x, _ in aggregation._Chunks(loader, pixels=1, min_images=4)] == [4] * 27
+    whole = evaluate(local_cnns, loader, exp.cfg.train, exp.device, collect=True)
+    chunked = evaluate(local_cnns, chunks, exp.cfg.train, exp.device, collect=True)
+    torch.testing.assert_close(chunked.probabilities, whole.probabilities, rtol=1e-4, atol=1e-5)
+    assert torch.equal(chunked.labels, whole.labels)
+    default = aggregation.local_probabilities(local_cnns, loader, exp.cfg.train, exp.device)  # chunked on the CPU
+    torch.testing.assert_close(default.probabilities, whole.probabilities, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_aggregator_inputs_is_a_config_error_before_anything_trains():

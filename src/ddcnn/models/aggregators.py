@@ -16,8 +16,9 @@ weighted   log-probabilities    average probability weighted by each local CNN's
 =========  ===================  ===========================================================================
 
 *Trained* aggregators (``trainable = True``) are trained by gradient descent on frozen local probabilities (the
-aggregation phase) or end to end inside a CNN-DNN (coherent training); the others have a closed-form
-:meth:`Aggregator.fit` on held-out probabilities, a no-op for all but ``weighted`` (``fitted = True``).
+aggregation phase, with AdamW at their ``default_lr``) or end to end inside a CNN-DNN (coherent training); the
+others have a closed-form :meth:`Aggregator.fit` on held-out probabilities, a no-op for all but ``weighted``
+(``fitted = True``).
 
 Registry: ``@register_aggregator("name")`` on an :class:`Aggregator` subclass, ``create_aggregator(name,
 num_subdomains, num_classes, **options)``, ``list_aggregators()``; :func:`aggregator_options` reads a class's
@@ -46,6 +47,8 @@ class Aggregator(nn.Module):
     name: ClassVar[str] = ""
     trainable: ClassVar[bool] = False  # True: trained by gradient descent on local probabilities
     fitted: ClassVar[bool] = False  # True: fit() learns from held-out local probabilities (closed form)
+    # the peak learning rate of AdamW in the aggregation phase, unless --aggregator-lr sets one
+    default_lr: ClassVar[float] = 0.01
 
     def __init__(self, num_subdomains: int, num_classes: int):
         super().__init__()
@@ -175,9 +178,15 @@ class DNNAggregator(Aggregator):
 
 @register_aggregator("linear")
 class LinearAggregator(Aggregator):
-    """A learned linear stacker: one affine map from the ``N*K`` concatenated probabilities to ``K`` logits."""
+    """A learned linear stacker: one affine map from the ``N*K`` concatenated probabilities to ``K`` logits.
+
+    Its learning rate in the aggregation phase is 10x the dnn's: its logits must grow large to be as sharp as the
+    probabilities it combines, and at 0.01 it was still short of them after 10 epochs (1.5% lower test accuracy
+    on CIFAR-10 2x2, benchmarks/README.md).
+    """
 
     trainable = True
+    default_lr = 0.1
 
     def __init__(self, num_subdomains: int, num_classes: int):
         super().__init__(num_subdomains, num_classes)

@@ -78,6 +78,12 @@ class SmallMapConv3d(SmallMapConv, nn.Conv3d):
 
 _SMALL_MAP_CONV = {2: SmallMapConv2d, 3: SmallMapConv3d}
 
+# The small-map path builds its dense matrices for at most this many bytes of groups at a time: on 64 local CNNs
+# (vgg9 on 8x8 grids) their 67 MB overflowed the 32 MB last-level cache, and the train step of the batched module
+# was 0.83x a loop over the 64 single CNNs on one core; in chunks of 8 MB that layer ran 1.6x faster and the step
+# 1.07x the loop's. Below 8 MB chunks gained nothing, so smaller layers run in one piece (benchmarks/README.md).
+SMALL_MAP_CHUNK_BYTES = 8 * 2**20
+
 
 @lru_cache(maxsize=256)
 def _tap_table(
@@ -126,7 +132,9 @@ def small_map_conv(
     """The grouped convolution of ``x`` (``(B, G*C, *in_shape)``) as one batched matmul with a dense per-group
     matrix; equal to ``F.conv{2,3}d(x, weight, bias, stride, padding, groups=groups)``.
 
-    Pays off when the map has fewer pixels than the kernel has taps (see :class:`SmallMapConv`).
+    Pays off when the map has fewer pixels than the kernel has taps (see :class:`SmallMapConv`). Where the dense
+    matrices of all groups would take more than :data:`SMALL_MAP_CHUNK_BYTES`, they are built and multiplied for
+    chunks of groups in turn (``split``, so that the backward pass concatenates the chunks' gradients once).
     """
     batch = x.shape[0]
     in_shape, kernel = tuple(x.shape[2:]), tuple(weight.shape[2:])
@@ -135,14 +143,20 @@ def small_map_conv(
     table = _tap_index(in_shape, kernel, stride, padding, x.device)
     cout, cin, taps = weight.shape[0] // groups, weight.shape[1], math.prod(kernel)
     p, q = math.prod(out_shape), math.prod(in_shape)
-    # dense[g, (p, o), (q, c)] = weight[g, o, c, tap(p, q)]: gather whole (C_out, C) blocks per (p, q) pair
-    blocks = weight.reshape(groups, cout, cin, taps).permute(0, 3, 1, 2)  # (G, taps, C_out, C)
-    blocks = torch.cat([blocks, blocks.new_zeros(groups, 1, cout, cin)], 1) if unconnected else blocks.contiguous()
-    dense = blocks.index_select(1, table).view(groups, p, q, cout, cin)
-    dense = dense.permute(0, 1, 3, 2, 4).reshape(groups, p * cout, q * cin)
-    # (B, G*C, *in_shape) -> (G, B, Q*C): pixel-major, channel-minor within each group
-    xg = x.movedim(1, -1).reshape(batch, q, groups, cin).permute(2, 0, 1, 3).reshape(groups, batch, q * cin)
-    out = torch.bmm(xg, dense.transpose(1, 2)).view(groups, batch, p, cout)
+    chunk = max(1, SMALL_MAP_CHUNK_BYTES // (p * q * cout * cin * weight.element_size()))
+    # (B, G*C, *in_shape) -> (B, Q, G, C): pixel-major, channel-minor within each group
+    pixels = x.movedim(1, -1).reshape(batch, q, groups, cin)
+    outs = []
+    for w, xs in zip(weight.reshape(groups, cout, cin, taps).split(chunk), pixels.split(chunk, dim=2)):
+        g = w.shape[0]
+        # dense[g, (p, o), (q, c)] = weight[g, o, c, tap(p, q)]: gather whole (C_out, C) blocks per (p, q) pair
+        blocks = w.permute(0, 3, 1, 2)  # (g, taps, C_out, C)
+        blocks = torch.cat([blocks, blocks.new_zeros(g, 1, cout, cin)], 1) if unconnected else blocks.contiguous()
+        dense = blocks.index_select(1, table).view(g, p, q, cout, cin)
+        dense = dense.permute(0, 1, 3, 2, 4).reshape(g, p * cout, q * cin)
+        xg = xs.permute(2, 0, 1, 3).reshape(g, batch, q * cin)  # (g, B, Q*C)
+        outs.append(torch.bmm(xg, dense.transpose(1, 2)).view(g, batch, p, cout))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if bias is not None:
         out = out + bias.view(groups, 1, 1, cout)
     # (G, B, P, C_out) -> (B, G*C_out, *out_shape), channels-last unless the input was contiguous

@@ -1,13 +1,22 @@
 """The aggregation phase: the frozen local CNNs' probabilities in, a fitted or trained aggregator out.
 
-The local CNNs run once over each split an aggregator needs (:class:`_LocalInputs`); what they produce, ``(n, N,
-K)`` probabilities, is small, so it stays in memory and an aggregator trains on it for many epochs at almost no cost,
-with the same :class:`~ddcnn.train.engine.Trainer` as every other model, fed by a :class:`TensorLoader`. What a
-trained aggregator learns from is ``cfg.aggregator_inputs`` (:func:`aggregator_training_inputs`).
+The local CNNs run once over each split an aggregator needs (:class:`_LocalInputs`), in inference mode (and on the
+CPU in cache-sized chunks, :data:`CPU_CHUNK_PIXELS`); what they produce, ``(n, N, K)`` probabilities, is small, so it
+stays in memory and an aggregator trains on it with the same :class:`~ddcnn.train.engine.Trainer` as every other
+model, fed by a :class:`TensorLoader`. What a trained aggregator learns from is ``cfg.aggregator_inputs``
+(:func:`aggregator_training_inputs`); how it trains is :func:`aggregator_train_config`: AdamW on batches of
+``cfg.aggregator_batch_size`` (512): the local CNNs' SGD at their batch of 64 spent 8 us per probability vector
+and epoch, mostly on per-step overhead, this 3.8 us, at the same test accuracy (the dnn on CIFAR-10, 2x2 and 4x4,
+benchmarks/README.md).
+
+Its cost is the inference pass of the local CNNs over the training images (a third of a training epoch's
+arithmetic, inherent to the method: the local CNNs are frozen once the local phase ends) and the aggregator's
+epochs, each a fraction of a percent of a local epoch (``benchmarks/bench_overheads.py`` measures both).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,8 +29,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import TrainConfig, config_to_dict, format_grid
+from ..config import RunConfig, TrainConfig, config_to_dict, format_grid
 from ..data import ImageSet
+from ..data.sampling import epoch_order
 from ..decomposition import Decomposition
 from ..distributed import Parallel
 from ..models import LocalCNNs
@@ -31,7 +41,7 @@ from ..run_folder import check_resume
 from ..runtime import seed_everything
 from ..train.callbacks import Callback
 from ..train.engine import FitResult, Trainer
-from ..train.evaluation import evaluate
+from ..train.evaluation import evaluate, training_class_weights
 from ..train.logs import format_bytes
 from .context import (
     Experiment,
@@ -46,6 +56,13 @@ from .context import (
 from .local import pretrained_local_cnns, train_local_cnns
 
 log = logging.getLogger(__name__)
+
+# On the CPU the local CNNs see each evaluation batch in chunks of at most this many pixels (64 CIFAR-10 images, 16 of
+# 64x64 pixels, at least CPU_CHUNK_MIN_IMAGES): their feature maps then stay in the caches. On whole batches of 512
+# CIFAR-10 images the inference pass ran 2.4x slower (3,000 against 7,400 images/s on one core, vgg9 width 0.5, 2x2;
+# benchmarks/README.md). A GPU takes whole batches.
+CPU_CHUNK_PIXELS = 2**16
+CPU_CHUNK_MIN_IMAGES = 8
 
 
 @dataclass
@@ -68,7 +85,8 @@ class TensorLoader:
 
     With ``shuffle``, each epoch's order is a permutation drawn from ``(seed, epoch)`` only (call
     :meth:`set_epoch`), so a resumed run sees the same batches; the last partial batch is then dropped (a batch
-    of one would break batch norm). Without ``shuffle``, every row in order.
+    of one would break batch norm); ``sampler`` balanced draws it class-balanced instead (:mod:`ddcnn.data.sampling`).
+    Without ``shuffle``, every row in order.
     """
 
     def __init__(
@@ -80,10 +98,12 @@ class TensorLoader:
         shuffle: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        sampler: str = "uniform",
     ):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
         self.x, self.y = x.to(device), y.to(device)
+        self.sampler, self._labels = sampler, y.cpu()
         self.batch_size, self.shuffle, self.seed, self.epoch = max(1, batch_size), shuffle, seed, 0
         if shuffle and len(y) > self.batch_size:
             self.num_samples = len(y) // self.batch_size * self.batch_size
@@ -103,29 +123,62 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.shuffle:
             seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
-            order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(int(seed)))
+            order = epoch_order(self._labels, torch.Generator().manual_seed(int(seed)), self.sampler)
         else:
             order = torch.arange(len(self.y))
         for rows in order[: self.num_samples].to(self.x.device).split(self.batch_size):
-            yield self.x[rows], self.y[rows]
+            yield self.x.index_select(0, rows), self.y.index_select(0, rows)  # a row copy, faster than x[rows]
+
+
+class _Chunks:
+    """The batches ``(x, y)`` of ``loader``, each cut into chunks of at most ``pixels`` pixels (and at least
+    ``min_images`` images): for inference on the CPU (:data:`CPU_CHUNK_PIXELS`). Images are independent in
+    evaluation, so the results are those of the whole batches."""
+
+    def __init__(self, loader: Iterable, pixels: int = CPU_CHUNK_PIXELS, min_images: int = CPU_CHUNK_MIN_IMAGES):
+        self.loader, self.pixels, self.min_images = loader, pixels, min_images
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            rows = max(self.min_images, self.pixels // max(x[0, 0].numel(), 1)) if len(x) > self.min_images else 0
+            if rows and len(x) > rows:
+                yield from zip(x.split(rows), y.split(rows))
+            else:
+                yield x, y
 
 
 def local_probabilities(
     model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device, parallel: Parallel | None = None
 ) -> LocalProbabilities:
-    """Run ``model`` (local CNNs, logits ``(B, N, K)``) over ``loader`` once, in eval mode; results on the CPU.
-    With ``parallel``, ``model`` is this process's share of the local CNNs and all of theirs are gathered."""
-    result = evaluate(model, loader, cfg, device, collect=True, parallel=parallel)
+    """Run ``model`` (local CNNs, logits ``(B, N, K)``) over ``loader`` once, in eval mode and inference mode (on the
+    CPU in cache-sized chunks of each batch, :class:`_Chunks`); results on the CPU. With ``parallel``, ``model`` is
+    this process's share of the local CNNs and all of theirs are gathered."""
+    batches = _Chunks(loader) if torch.device(device).type == "cpu" else loader
+    result = evaluate(model, batches, cfg, device, collect=True, parallel=parallel)
     return LocalProbabilities(result.probabilities, result.labels)
+
+
+def aggregator_train_config(cfg: RunConfig, aggregator: Aggregator) -> TrainConfig:
+    """How a trained aggregator trains in the aggregation phase: AdamW at ``cfg.aggregator_lr`` (unset: the
+    aggregator's :attr:`~ddcnn.models.aggregators.Aggregator.default_lr`); the schedule, warm-up, weight decay,
+    label smoothing, clipping, seed, dtype and device are the run's (``cfg.train``).
+
+    Why not the run's optimiser: at the large batches that make this phase cheap (``cfg.aggregator_batch_size``),
+    SGD at the learning rate scaled with the batch (0.8 at 1024) underfitted the dnn of a 4x4 grid (1% lower CIFAR-10
+    test accuracy than at batch 64), AdamW at 0.01 did not; the linear aggregator needs 0.1 (its own default).
+    """
+    return dataclasses.replace(cfg.train, optimizer="adamw", lr=cfg.aggregator_lr or aggregator.default_lr)
 
 
 @dataclass
 class AggregatorFit:
-    """What fitting or training an aggregator produced."""
+    """What fitting or training an aggregator produced. ``seconds``: all of it, which in the aggregation phase
+    includes ``input_seconds``, computing the local probabilities it learns from (the inference pass)."""
 
     history: list[dict]
     seconds: float
     images_per_second: float  # probability vectors per second during fitting/training
+    input_seconds: float = 0.0
 
 
 def fit_aggregator(
@@ -155,10 +208,11 @@ def fit_aggregator(
     if train is None:
         raise ValueError(f"the {aggregator.name} aggregator is trained and needs training inputs")
     trainer = Trainer(
-        aggregator, cfg, device, epochs, log_csv=log_csv, desc=aggregator.name, save=save, callbacks=callbacks
+        aggregator, cfg, device, epochs, log_csv=log_csv, desc=aggregator.name, save=save, callbacks=callbacks,
+        class_weights=training_class_weights(cfg, train.labels, train.probabilities.shape[-1]),
     )
     fit: FitResult = trainer.fit(
-        TensorLoader.of(train, batch_size, shuffle=True, seed=cfg.seed, device=device),
+        TensorLoader.of(train, batch_size, shuffle=True, seed=cfg.seed, device=device, sampler=cfg.sampler),
         TensorLoader.of(val, batch_size, device=device),
     )
     return AggregatorFit(fit.history, fit.train_seconds, fit.images_per_second)
@@ -261,7 +315,10 @@ def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None)
             state = load_checkpoint(path, map_location=exp.device)
             check_resume(state.get("config"), exp.cfg, name, path)
             load_pretrained_aggregator(state, aggregator, str(path))
-            fit = AggregatorFit(state["history"], float(state["train_seconds"]), float(state["images_per_second"]))
+            fit = AggregatorFit(
+                state["history"], float(state["train_seconds"]), float(state["images_per_second"]),
+                float(state.get("input_seconds", 0.0)),
+            )
             log.info("%s: finished in %s, not fitted again", name, path)
         else:
             aggregator, fit = _fit_aggregator(exp, name, inputs)
@@ -276,6 +333,7 @@ def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None)
                         "history": fit.history,
                         "epoch": len(fit.history),
                         "train_seconds": fit.seconds,
+                        "input_seconds": fit.input_seconds,
                         "total_train_seconds": local_seconds + fit.seconds,
                         "images_per_second": fit.images_per_second,
                         "finished": True,
@@ -296,13 +354,14 @@ def _fit_aggregator(exp: Experiment, name: str, inputs: _LocalInputs) -> tuple[A
     val, val_seconds = inputs.get("val")
     train, train_seconds = inputs.get("train") if aggregator.trainable else (None, 0.0)
     fit = fit_aggregator(
-        aggregator, train, val, exp.cfg.train, exp.device, epochs=exp.cfg.aggregator_epochs or exp.cfg.train.epochs,
-        batch_size=exp.cfg.data.batch_size,
+        aggregator, train, val, aggregator_train_config(exp.cfg, aggregator), exp.device,
+        epochs=exp.cfg.aggregator_epochs or exp.cfg.train.epochs, batch_size=exp.cfg.aggregator_batch_size,
         log_csv=exp.run_dir / f"{aggregator.name}_log.csv" if aggregator.trainable else None,
         save=exp.dist.is_primary,
         callbacks=exp.callbacks,
     )
-    fit.seconds += train_seconds if aggregator.trainable else val_seconds if aggregator.fitted else 0.0
+    fit.input_seconds = train_seconds if aggregator.trainable else val_seconds if aggregator.fitted else 0.0
+    fit.seconds += fit.input_seconds
     return aggregator, fit
 
 
@@ -319,6 +378,7 @@ def _aggregator_result(
         "aggregator_parameters": count_parameters(aggregator),
         "local_train_seconds": local_seconds,
         "total_train_seconds": local_seconds + fit.seconds,
+        "input_seconds": fit.input_seconds,  # of train_seconds: the local probabilities it learns from
         **communication_per_step(aggregator, 0),  # its inputs are gathered once (N*K numbers per image), not per step
     }
     if aggregator.trainable:
