@@ -117,12 +117,23 @@ def buckets(
     return result
 
 
+def powersgd_matrix(shape: Sequence[int]) -> tuple[int, int]:
+    """The ``n x m`` matrix PowerSGD compresses a gradient of ``shape`` as: torch views a tensor as ``shape[0] x
+    rest``; ddcnn's hook (:mod:`ddcnn.distributed.ddp`) first drops leading dimensions of size 1, so that the dense
+    head of a global CNN, stored as one group ``(1, out, in)`` of a grouped linear layer, is the ``out x in`` matrix
+    it is rather than an incompressible ``1 x (out * in)`` row."""
+    shape = list(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape.pop(0)
+    n = shape[0] if shape else 1
+    return n, numel(shape) // max(n, 1)
+
+
 def powersgd_factor_sizes(shape: Sequence[int], rank: int, min_compression_rate: float = 2.0) -> tuple[int, int] | None:
-    """The elements of PowerSGD's factors ``(P, Q)`` of a gradient of ``shape`` (viewed as ``shape[0] x rest``), or
-    None where it is sent uncompressed: torch's rule compresses only where ``(n + m) * r * min_compression_rate <
+    """The elements of PowerSGD's factors ``(P, Q)`` of a gradient of ``shape`` (viewed as :func:`powersgd_matrix`),
+    or None where it is sent uncompressed: torch's rule compresses only where ``(n + m) * r * min_compression_rate <
     n * m``, with ``r = min(n, m, rank)``."""
-    n = shape[0] if len(shape) else 1
-    m = numel(shape) // n
+    n, m = powersgd_matrix(shape)
     r = min(n, m, rank)
     if (n + m) * r * min_compression_rate < n * m:
         return n * r, m * r

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..models.local_cnns import LocalCNNs
+from ..scaling import powersgd_factor_sizes
 
 
 @dataclass
@@ -76,14 +77,11 @@ def ddp_bytes_per_step(
     return sum(sent(p) for p in parameters if p.requires_grad)
 
 
-def _powersgd_numel(p: nn.Parameter, rank: int, min_compression_rate: int = 2) -> int:
-    """The numbers torch's ``powerSGD_hook`` sends of the gradient of ``p``: viewed as a matrix ``n x m`` (``n`` its
-    first dimension), ``(n + m) * r`` with ``r = min(n, m, rank)`` where that times ``min_compression_rate`` is less
-    than ``n * m``, else ``n * m``."""
-    n = p.shape[0] if p.dim() else 1
-    m = p.numel() // max(n, 1)
-    compressed = (n + m) * min(n, m, rank)
-    return compressed if compressed * min_compression_rate < n * m else n * m
+def _powersgd_numel(p: nn.Parameter, rank: int) -> int:
+    """The numbers torch's ``powerSGD_hook`` sends of the gradient of ``p`` (:func:`ddcnn.scaling.powersgd_matrix`):
+    its factors, or the gradient where they would not be less than half of it."""
+    factors = powersgd_factor_sizes(p.shape, rank)
+    return sum(factors) if factors is not None else p.numel()
 
 
 def subdomain_gather_bytes_per_step(
