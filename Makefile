@@ -34,8 +34,9 @@ bench-cluster: setup
 	$(BIN)/python benchmarks/cluster.py $(if $(QUICK),--quick)
 
 # The study of docs/results.md: one `ddcnn compare` per table (study/*.yaml), each resumable, then the report
-# (study/report.py); about three hours on 2 idle CPU cores. Results go to runs/study/<table>/.
-STUDY ?= cifar10_vgg9 cifar10_vgg9_overlap adrenalmnist3d tf_flowers tf_flowers_crossfit cifar10_resnet20
+# (study/report.py); about three hours on 2 idle CPU cores, and about four more for adrenalmnist3d_balanced (64^3
+# volumes; `make study STUDY=adrenalmnist3d_balanced` runs it alone). Results go to runs/study/<table>/.
+STUDY ?= cifar10_vgg9 cifar10_vgg9_overlap adrenalmnist3d adrenalmnist3d_balanced tf_flowers tf_flowers_crossfit cifar10_resnet20 tf_flowers_densenet121
 study: setup
 	set -e; for table in $(STUDY); do $(BIN)/ddcnn compare --config study/$$table.yaml --no-progress; done
 	$(BIN)/python study/report.py

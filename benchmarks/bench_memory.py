@@ -1,5 +1,7 @@
 """Memory: peak resident memory of local-phase training on a CIFAR-10-sized data set, and a check that the data set
-is held once, not once per subdomain (the split into subimages happens per batch).
+is held once, not once per subdomain (the split into subimages happens per batch), also by a process of the
+model-parallel local phase whose loader yields only its subdomains' subimages (4 of 16, the share of one of 4
+processes: :mod:`ddcnn.data.subimages`; on the CPU gathered from the host images themselves).
 
 Each configuration runs in a fresh process and reports its peak resident memory (``VmHWM``; not ``ru_maxrss``,
 which Linux carries over from the parent across fork and exec): a synthetic in-memory data set of 60,000 x 3x32x32
@@ -26,7 +28,9 @@ FULL, TINY = 60_000, 1_280
 
 
 def run(settings: Settings) -> Result:
-    grids = [(4, 4)] if settings.quick else [(1, 1), (4, 4), (8, 8)]
+    grids: list[tuple[tuple[int, int], tuple[int, ...] | None]] = [((4, 4), None), ((4, 4), (0, 1, 2, 3))]
+    if not settings.quick:
+        grids = [((1, 1), None), *grids, ((8, 8), None)]
     steps = 5
     result = Result(
         NAME,
@@ -35,12 +39,14 @@ def run(settings: Settings) -> Result:
         + (["peak GPU MB"] if settings.cuda else []),
     )
     worst_peak, worst_copies = 0, 0.0
-    for grid in grids:
-        full = _child(grid, FULL, steps, settings)
-        tiny = _child(grid, TINY, steps, settings)
+    for grid, share in grids:
+        full = _child(grid, FULL, steps, settings, share)
+        tiny = _child(grid, TINY, steps, settings, share)
         copies = (full["peak_rss"] - tiny["peak_rss"]) / full["data_bytes"]
         worst_peak, worst_copies = max(worst_peak, full["peak_rss"]), max(worst_copies, copies)
         label = "global CNN" if grid == (1, 1) else f"local CNNs {grid[0]}x{grid[1]}"
+        if share is not None:
+            label += f", subdomains {share[0]}-{share[-1]} (own subimages)"
         row = {
             "model": f"vgg9 {label}",
             "peak RSS MB": round(full["peak_rss"] / 1e6),
@@ -65,19 +71,25 @@ def run(settings: Settings) -> Result:
     return result
 
 
-def _child(grid: tuple[int, int], images: int, steps: int, settings: Settings) -> dict[str, float]:
+def _child(
+    grid: tuple[int, int], images: int, steps: int, settings: Settings, share: tuple[int, ...] | None = None
+) -> dict[str, float]:
     """Run :func:`_measure` in a fresh interpreter and return what it reports."""
     here = Path(__file__).resolve().parent
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), str(here), env.get("PYTHONPATH", "")])
     args = {"grid": grid, "images": images, "steps": steps, "quick": settings.quick, "device": str(settings.device)}
+    args["share"] = share
     command = [sys.executable, __file__, json.dumps(args)]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _measure(grid: tuple[int, int], images: int, steps: int, quick: bool, device: str) -> dict[str, float]:
-    """Train the local CNNs of ``grid`` for ``steps`` batches of an in-memory data set of ``images`` images."""
+def _measure(
+    grid: tuple[int, int], images: int, steps: int, quick: bool, device: str, share: list[int] | None = None
+) -> dict[str, float]:
+    """Train the local CNNs of ``grid`` (those of ``share`` only, on their own subimages, if given) for ``steps``
+    batches of an in-memory data set of ``images`` images."""
     import torch
 
     from bench_data import synthetic_split
@@ -89,6 +101,7 @@ def _measure(grid: tuple[int, int], images: int, steps: int, quick: bool, device
 
     settings = Settings(quick=quick, device=torch.device(device))
     split = synthetic_split(images)
+    decomposition = Decomposition(tuple(grid), CIFAR_SHAPE[1:])
     loader = make_loader(
         split,
         batch_size=settings.batch_size,
@@ -97,8 +110,10 @@ def _measure(grid: tuple[int, int], images: int, steps: int, quick: bool, device
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
         device=settings.device,
+        subimages=None if share is None else (decomposition, share),
     )
-    model = LocalCNNs("vgg9", Decomposition(tuple(grid), CIFAR_SHAPE[1:]), CIFAR_SHAPE[0], NUM_CLASSES)
+    model = LocalCNNs("vgg9", decomposition, CIFAR_SHAPE[0], NUM_CLASSES)
+    model = model if share is None else model.subset(share)
     step = make_train_step(model.to(settings.device), settings)
     for _, (x, y) in zip(range(steps), loader):
         step(x, y)

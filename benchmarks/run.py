@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py --only batched   # one benchmark (comma-separate several); others are kept
     .venv/bin/python benchmarks/run.py --device cuda    # the GPU version: bf16 autocast, channels-last, batch 512
     .venv/bin/python benchmarks/run.py --only compile   # --compile's compile time and steps/s (not in the default run)
+    .venv/bin/python benchmarks/run.py --only cluster   # the emulated cluster, as root (= make bench-cluster)
 
 Results of a CPU run go to ``benchmarks/results.{json,md}``, of a CUDA run to ``benchmarks/results-cuda.{json,md}``.
 With ``--only``, the other benchmarks' earlier results in those files are kept (each carries its own date).
@@ -30,14 +31,18 @@ except ImportError:  # a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
+import bench_backbones  # noqa: E402
 import bench_batched  # noqa: E402
 import bench_compile  # noqa: E402
 import bench_data  # noqa: E402
 import bench_flops  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_memory_grid  # noqa: E402
 import bench_optimisations  # noqa: E402
+import bench_overheads  # noqa: E402
 import bench_parallel  # noqa: E402
 import bench_time_to_accuracy  # noqa: E402
+import cluster  # noqa: E402
 from common import Goal, Result, Settings, machine  # noqa: E402
 
 BENCHMARKS = {
@@ -46,18 +51,22 @@ BENCHMARKS = {
         bench_time_to_accuracy,  # the headline
         bench_parallel,
         bench_batched,
+        bench_backbones,
         bench_data,
         bench_flops,
         bench_memory,
+        bench_memory_grid,
+        bench_overheads,
         bench_optimisations,
         bench_compile,  # only with --compile or --only compile: compiling takes minutes on CPU
+        cluster,  # only with --only cluster (make bench-cluster): root, network namespaces, about 40 minutes
     )
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    default = [n for n in BENCHMARKS if n != bench_compile.NAME or args.compile]
+    default = [n for n in BENCHMARKS if (n != bench_compile.NAME or args.compile) and n != cluster.NAME]
     names = default if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -86,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             result = Result(name, f"{name}: FAILED", [], notes=[traceback.format_exc()])
         result.seconds = time.perf_counter() - start
         print(f"[bench] {name}: {result.seconds:.0f} s", file=sys.stderr, flush=True)
-        entry = asdict(result)
-        entry["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        entry["quick"] = settings.quick
-        entry["load_average"] = report["machine"].get("load_average")
-        report["results"][name] = entry
+        report["results"][name] = _entry(result, settings, report)
         args.out.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         md_path.write_text(to_markdown(report))
@@ -107,6 +112,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="also measure torch.compile: the compile benchmark and a row of optimisations (minutes)")
     p.add_argument("--out", type=Path, default=HERE, help="folder for results.json and results.md")
     return p
+
+
+def _entry(result: Result, settings: Settings, report: dict[str, Any]) -> dict[str, Any]:
+    entry = asdict(result)
+    entry["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    entry["quick"] = settings.quick
+    entry["load_average"] = report["machine"].get("load_average")
+    return entry
+
+
+def record(result: Result, settings: Settings, out: Path = HERE) -> dict[str, Any]:
+    """Add ``result`` of a benchmark run on its own (``cluster.py``) to ``results.{json,md}`` in ``out``, keeping
+    the other benchmarks' results; returns the whole report."""
+    stem = "results" if settings.device.type == "cpu" else f"results-{settings.device.type}"
+    report = _load(out / f"{stem}.json")
+    report["machine"] = machine(settings)
+    report["results"][result.name] = _entry(result, settings, report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(to_markdown(report))
+    return report
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -35,12 +35,14 @@ TABLES = (
     "tf_flowers",
     "tf_flowers_crossfit",
     "adrenalmnist3d",
+    "adrenalmnist3d_balanced",
+    "tf_flowers_densenet121",
 )
 # a table that changes one setting of another: its methods are compared with that table's, seed by seed
 BASELINES = {"cifar10_vgg9_overlap": "cifar10_vgg9", "tf_flowers_crossfit": "tf_flowers"}
 # tables with imbalanced classes, where accuracy alone misleads (predicting the majority class scores 77% there):
 # the same tables again for these metrics of the test split
-MORE_METRICS = {"adrenalmnist3d": ("test_balanced_accuracy", "test_auc")}
+MORE_METRICS = {name: ("test_balanced_accuracy", "test_auc") for name in ("adrenalmnist3d", "adrenalmnist3d_balanced")}
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 SIGNED = "{:+.4f}"  # a difference: mean signed, std not
 PLOTS = ("accuracy.png", "subdomains.png")

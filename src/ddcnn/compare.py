@@ -5,9 +5,10 @@ For each seed the global CNN is trained once (grid ``1x1``); for each other grid
 CNN-DNN and transfer learning from the local phase. With ``resume`` every phase whose checkpoint is finished is
 loaded, not trained again, so an interrupted comparison continues where it stopped.
 
-Writes to ``out``: ``results.json`` (``{"config", "rows", "provenance"}``, one row per method, grid and seed, and
-for ``local`` one row per subdomain), ``results.md`` (the tables), ``accuracy.png``, ``curves_<grid>.png`` and
-``subdomains.png``.
+Writes to ``out``: ``results.json`` (``{"config", "class_counts", "rows", "provenance"}``, one row per method, grid
+and seed, and for ``local`` one row per subdomain; ``class_counts``: the training split's images per class),
+``results.md`` (the tables; imbalanced classes add balanced accuracy and AUC), ``accuracy.png``, ``curves_<grid>.png``
+and ``subdomains.png``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .checkpoint import atomic_write_text, ensure_writable_folder
 from .config import (
@@ -185,6 +188,8 @@ def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
         return [result.row(seed=seed)]
     n = len(result.extra["test_subdomain_accuracy"])
     train = result.extra.get("train_subdomain_accuracy") or [None] * n
+    balanced = result.test.extra.get("subdomain_balanced_accuracy") or [None] * n
+    auc = result.test.extra.get("subdomain_auc") or [None] * n
     return [
         {
             "method": "local",
@@ -192,6 +197,8 @@ def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
             "seed": seed,
             "subdomain": i,
             "test_accuracy": result.extra["test_subdomain_accuracy"][i],
+            "test_balanced_accuracy": balanced[i],
+            "test_auc": auc[i],
             "val_accuracy": result.extra["val_subdomain_accuracy"][i],
             "train_accuracy": train[i],
             "parameters": result.parameters // n,
@@ -199,6 +206,8 @@ def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
             "total_train_seconds": result.train_seconds,
             "images_per_second": result.images_per_second,
             "ensemble_test_accuracy": result.test.accuracy,  # the local CNNs' mean probability
+            "ensemble_test_balanced_accuracy": result.test.balanced_accuracy,
+            "ensemble_test_auc": result.test.auc,
             "model_parallel_bytes_per_step": result.extra["model_parallel_bytes_per_step"],
             "data_parallel_bytes_per_step": result.extra["data_parallel_bytes_per_step"],
         }
@@ -299,7 +308,7 @@ def _compare(
                 exp = phase(grid, seed, "transfer learning", cc.phase_epochs("coherent"), pretrained=True)
                 record([run_transfer(exp)], seed)
         # after every seed, so that a long comparison that is stopped keeps the tables of its finished seeds
-        markdown = _write_results(rows, histories, cc, data.name, out, dist)
+        markdown = _write_results(rows, histories, cc, data, out, dist)
     log.info("results in %s", out)
     return CompareResult(rows, markdown, out)
 
@@ -308,16 +317,21 @@ def _write_results(
     rows: list[dict[str, Any]],
     histories: dict[str, dict[str, list[dict[str, Any]]]],
     cc: CompareConfig,
-    dataset: str,
+    data: DatasetSplits,
     out: Path,
     dist: DistContext,
 ) -> str:
-    """Write results.json, results.md and the plots of ``rows`` (rank 0 only); returns the markdown."""
-    markdown = results_markdown(rows, cc, dataset)
+    """Write results.json, results.md and the plots of ``rows`` (rank 0 only); returns the markdown. The training
+    split's images per class go into both (imbalanced classes add tables of balanced accuracy and AUC)."""
+    class_counts = torch.bincount(data.train.labels, minlength=data.num_classes).tolist()
+    markdown = results_markdown(rows, cc, data.name, class_counts)
     if dist.is_primary:
         from .runtime import provenance
 
-        payload = {"provenance": provenance(cc.train.device), "config": config_to_dict(cc), "rows": rows}
+        payload = {
+            "provenance": provenance(cc.train.device), "config": config_to_dict(cc), "class_counts": class_counts,
+            "rows": rows,
+        }
         atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
         atomic_write_text(out / "results.md", markdown)
         _plots(rows, histories, out)

@@ -1,5 +1,6 @@
 """The tables of ``ddcnn compare`` (its ``results.md``), made from the rows of its ``results.json``: methods by
-grids, each cell the mean ± std over the seeds, and a table of parameters, training time and communication.
+grids, each cell the mean ± std over the seeds, and a table of parameters, training time and communication; where
+the classes are imbalanced (:func:`is_imbalanced`), tables of balanced accuracy and ROC AUC too.
 ``study/report.py`` builds ``docs/results.md`` from the same functions.
 """
 
@@ -22,6 +23,11 @@ AGGREGATORS = tuple(list_aggregators())
 # the methods of `ddcnn compare`, in the order of the tables' rows (each aggregator is a method: the aggregation
 # phase of that aggregator)
 COMPARE_METHODS = ("global", "local", *AGGREGATORS, "coherent", "transfer")
+# Balanced accuracy and ROC AUC are tabulated where the training split's largest class has at least this many times
+# the images of its smallest: there, predicting the majority class alone scores its share in accuracy (77% on
+# AdrenalMNIST3D), but 1/K in balanced accuracy and 0.5 in AUC. Balanced data sets (CIFAR-10 1.0, MNIST 1.24,
+# tf_flowers 1.42) keep the one accuracy table.
+IMBALANCE_RATIO = 1.5
 
 
 def mean_std_cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
@@ -70,24 +76,61 @@ _NOTES = {
 }
 
 
-def results_markdown(rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset: str) -> str:
-    """The paper-style table (methods by grids, mean ± std over seeds) and a table of parameters and time."""
+def is_imbalanced(class_counts: Sequence[int] | None) -> bool:
+    """Whether the classes of ``class_counts`` (training images per class) are imbalanced enough for balanced
+    accuracy and AUC tables (:data:`IMBALANCE_RATIO`); None (not recorded): no."""
+    counts = [int(c) for c in class_counts or ()]
+    return len(counts) > 1 and max(counts) >= IMBALANCE_RATIO * max(min(counts), 1)
+
+
+def imbalance_markdown(rows: Sequence[dict[str, Any]], class_counts: Sequence[int]) -> list[str]:
+    """Tables of test balanced accuracy and ROC AUC (methods by grids) for imbalanced classes, with what predicting
+    the majority class alone would score."""
+    counts = [int(c) for c in class_counts]
+    shares = "/".join(f"{100 * c / sum(counts):.0f}" for c in counts)
+    return [
+        "",
+        "## Balanced accuracy and ROC AUC",
+        "",
+        (
+            f"The classes are imbalanced (training images per class {', '.join(map(str, counts))}: {shares}%), so "
+            f"accuracy alone misleads: predicting the majority class scores about {max(counts) / sum(counts):.2f} "
+            f"accuracy, but {1 / len(counts):.2f} balanced accuracy (the mean of the per-class recalls) and 0.5 ROC "
+            "AUC (of the positive class's probability; for more classes the macro mean of one-vs-rest AUCs). local: "
+            "the mean of the local CNNs' own numbers."
+        ),
+        "",
+        *methods_by_grids(summarize(rows, "test_balanced_accuracy"), label="balanced accuracy"),
+        "",
+        *methods_by_grids(summarize(rows, "test_auc"), label="ROC AUC"),
+    ]
+
+
+def results_markdown(
+    rows: Sequence[dict[str, Any]], cc: CompareConfig, dataset: str, class_counts: Sequence[int] | None = None
+) -> str:
+    """The paper-style table (methods by grids, mean ± std over seeds) and a table of parameters and time; where
+    ``class_counts`` (training images per class) are imbalanced, tables of balanced accuracy and AUC between them."""
     accuracy = summarize(rows)
     seeds = len(cc.seeds)
     stats = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
     local_width = "" if cc.model.local_width is None else f", local CNNs {cc.model.local_width}"
+    balance = {"class weights": (cc.train.class_weights, "none"), "sampler": (cc.train.sampler, "uniform")}
+    balancing = "".join(f"; {name}: {value}" for name, (value, default) in balance.items() if value != default)
     lines = [
         f"# {dataset}: test accuracy ({stats})",
         "",
         f"backbone {cc.model.backbone} (width {cc.model.width}{local_width}), epochs: global "
         f"{cc.phase_epochs('global')}, local {cc.phase_epochs('local')}, aggregators "
         f"{cc.phase_epochs('aggregator')}, coherent and transfer {cc.phase_epochs('coherent')}; aggregator inputs: "
-        f"{cc.aggregator_inputs}.",
+        f"{cc.aggregator_inputs}{balancing}.",
         "",
         *methods_by_grids(accuracy),
         "",
         *(f"- {m}: {note}" for m, note in _NOTES.items() if m in accuracy),
     ]
+    if is_imbalanced(class_counts):
+        lines += imbalance_markdown(rows, class_counts)
 
     parameters, phase_seconds, total_seconds = summarize(rows, "parameters"), summarize(rows, "train_seconds"), \
         summarize(rows, "total_train_seconds")

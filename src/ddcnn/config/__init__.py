@@ -8,8 +8,9 @@ Every option is declared once, with :func:`option`: its default, its help (meani
 :func:`inapplicable_options` names the options a run sets but does not read.
 
 The package: :mod:`~ddcnn.config.options` (``option``, the checks, the choices, grids as text),
-:mod:`~ddcnn.config.sections` (the dataclasses), :mod:`~ddcnn.config.files` (to and from dicts and YAML) and
-:mod:`~ddcnn.config.applicable` (the options a run does not read); import every name from ``ddcnn.config``.
+:mod:`~ddcnn.config.sections` (the dataclasses; the data section's in :mod:`~ddcnn.config.data_section`),
+:mod:`~ddcnn.config.files` (to and from dicts and YAML) and :mod:`~ddcnn.config.applicable` (the options a run does
+not read); import every name from ``ddcnn.config``.
 """
 
 from .applicable import (
@@ -22,6 +23,7 @@ from .files import config_from_dict, config_to_dict, load_yaml, upgrade_config_d
 from .options import (
     AGGREGATOR_INPUTS,
     AMP_DTYPES,
+    CLASS_WEIGHTS,
     DTYPES,
     GROUPS,
     METHOD_NAMES,
@@ -29,6 +31,7 @@ from .options import (
     PARALLEL_MODES,
     RENAMED_KEYS,
     RENAMED_METHODS,
+    SAMPLERS,
     SCHEDULES,
     check,
     check_choice,
@@ -44,6 +47,7 @@ from .sections import DataConfig, ModelConfig, RunConfig, SharedOptions, TrainCo
 __all__ = [
     "AGGREGATOR_INPUTS",
     "AMP_DTYPES",
+    "CLASS_WEIGHTS",
     "DTYPES",
     "GROUPS",
     "METHOD_NAMES",
@@ -51,6 +55,7 @@ __all__ = [
     "PARALLEL_MODES",
     "RENAMED_KEYS",
     "RENAMED_METHODS",
+    "SAMPLERS",
     "SCHEDULES",
     "DataConfig",
     "ModelConfig",

@@ -66,6 +66,10 @@ def inapplicable_options(cfg: RunConfig) -> list[str]:
         messages += [f"--{_flag(name)} has no effect with --method aggregation --pretrained: a trained aggregator "
                      "trains with adamw at --aggregator-lr" for name in ("optimizer", "lr", *sgd)
                      if getattr(cfg.train, name) != _default(TrainConfig, name)]
+    if method == "aggregation" and not (trains_local or trains_aggregator):
+        messages += [f"--{_flag(name)} {getattr(cfg.train, name)} has no effect with --method aggregation --pretrained "
+                     f"--aggregator {model.aggregator}: nothing is trained" for name in ("class_weights", "sampler")
+                     if getattr(cfg.train, name) != _default(TrainConfig, name)]
     if cfg.local_epochs is not None and not trains_local:
         reason = "--pretrained" if method in ("aggregation", "transfer") else f"--method {method}"
         messages.append(f"--local-epochs has no effect with {reason}: no local phase is trained")
@@ -142,6 +146,10 @@ def inapplicable_data_and_training(data: DataConfig, train: TrainConfig) -> list
     if train.ddp_hook != "powersgd" and train.powersgd_rank != _default(TrainConfig, "powersgd_rank"):
         messages.append(f"--powersgd-rank has no effect with --ddp-hook {train.ddp_hook}: it is the rank of "
                         "--ddp-hook powersgd")
+    if train.class_weights != "none" and train.sampler != "uniform":
+        messages.append(f"--class-weights {train.class_weights} with --sampler {train.sampler} corrects the class "
+                        "imbalance twice (the sampler already gives every class 1/K of an epoch), so that the rare "
+                        "classes outweigh the common ones; choose one of the two")
     if train.optimizer == "adamw":
         if train.momentum != _default(TrainConfig, "momentum"):
             messages.append("--momentum has no effect with --optimizer adamw")

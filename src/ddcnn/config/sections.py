@@ -1,5 +1,6 @@
 """The sections of a run's configuration (data, model, train) and the options of ``ddcnn train`` (:class:`RunConfig`),
-those shared with ``ddcnn compare`` in :class:`SharedOptions`. Every value is checked when the dataclass is built."""
+those shared with ``ddcnn compare`` in :class:`SharedOptions`. Every value is checked when the dataclass is built.
+The data section, :class:`DataConfig`, lives in :mod:`~ddcnn.config.data_section` and is re-exported here."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from .data_section import INTENSITY_FORMS, DataConfig, optional_positive, parse_intensity, parse_volume_shape
 from .options import (
     AGGREGATOR_INPUTS,
     AMP_DTYPES,
+    CLASS_WEIGHTS,
     DDP_HOOKS,
     DTYPES,
     METHOD_NAMES,
-    NORMALIZATIONS,
     OPTIMIZERS,
     PARALLEL_MODES,
     RENAMED_METHODS,
+    SAMPLERS,
     SCHEDULES,
     check,
     check_choices,
@@ -24,135 +27,16 @@ from .options import (
     parse_grid,
 )
 
-
-def _optional_positive(value: float | None) -> bool:
-    return value is None or value > 0
-
-
-INTENSITY_FORMS = "auto, none, window:LO,HI (LO < HI) or percentile:P1,P99 (0 <= P1 < P99 <= 100)"
-
-
-def parse_intensity(text: str) -> tuple[str, tuple[float, float] | None]:
-    """``"window:-1000,400"`` -> ``("window", (-1000.0, 400.0))``, ``"auto"`` -> ``("auto", None)``: the rule of
-    ``--intensity`` (:mod:`ddcnn.data.intensity` says what each does); ConfigError for any other text."""
-    name, _, values = str(text).strip().lower().partition(":")
-    if name in ("auto", "none") and not values:
-        return name, None
-    try:
-        low, high = (float(v) for v in values.split(","))
-    except ValueError:
-        low = high = math.nan
-    bounds = (0 <= low and high <= 100) if name == "percentile" else name == "window"
-    if not (bounds and math.isfinite(low) and math.isfinite(high) and low < high):
-        check(False, "intensity", text, f"one of {INTENSITY_FORMS}")
-    return name, (low, high)
-
-
-def parse_volume_shape(text: str | tuple[int, ...] | list[int] | None) -> tuple[int, int, int] | None:
-    """``"64x64x64"`` (or ``[64, 64, 64]``, as YAML may give it) -> ``(64, 64, 64)`` (D x H x W voxels); None stays
-    None."""
-    if text is None:
-        return None
-    parts = text if isinstance(text, (tuple, list)) else re.split(r"[x*,]", str(text).lower().strip("[]() "))
-    try:
-        shape = tuple(int(v) for v in parts)
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        check(False, "volume_shape", text, "three positive voxel counts DxHxW, e.g. 64x64x64, or unset")
-    return shape  # type: ignore[return-value]
-
-
-@dataclass
-class DataConfig:
-    dataset: str = option(
-        "mnist5k", group="data",
-        help="name or name:PATH: mnist5k, cifar10[:PATH], imagefolder:PATH, csv:FILE, npz:PATH, nifti:PATH "
-        "(`ddcnn datasets` lists them)",
-    )
-    image_size: int | None = option(
-        None, group="data",
-        help="side length in pixels that imagefolder images (and CIFAR-10 read from an image tree) are resized to; "
-        "unset: the images' own size",
-    )
-    batch_size: int = option(
-        64, group="training",
-        help="training images per step, of the whole job (under torchrun --parallel data each process takes a "
-        "share); the aggregation phase has its own, --aggregator-batch-size",
-    )
-    eval_batch_size: int = option(
-        512, group="training", help="images per batch when evaluating and computing local probabilities (speed only)"
-    )
-    augment: bool = option(True, group="data", help="augment the training images (random crops, and flips with --flip)")
-    crop_padding: int = option(
-        2, group="data", help="random-crop translation in pixels, per axis (reflect-padded); 0 turns crops off"
-    )
-    flip: bool = option(
-        False, group="data", help="random horizontal flips (last axis) of half the training images; off by default "
-        "because it breaks digits",
-    )
-    normalize: str = option(
-        "data", group="data", choices=NORMALIZATIONS,
-        help="the per-channel mean and std that inputs are normalised with, in training and inside the trained model "
-        "(ddcnn.load, predict, export): data (the training split's) or imagenet (ImageNet's, which pretrained "
-        "weights expect, see --init-weights; for 1-channel images the mean of its three means and of its three stds)",
-    )
-    val_fraction: float = option(
-        0.1, group="data", help="fraction of the training data held out for validation, in [0, 1), where a dataset "
-        "has no validation split",
-    )
-    test_fraction: float = option(
-        0.2, group="data",
-        help="fraction of all data held out for testing, in [0, 1), where a dataset has no test split",
-    )
-    split_seed: int = option(
-        0, group="data", help="seed of the deterministic, stratified val and test splits (the same for every "
-        "training seed)",
-    )
-    limit_train: int | None = option(
-        None, group="data", help="train on only this many training images (stratified), for quick runs; unset: all"
-    )
-    cache_dir: str | None = option(
-        None, group="data", help="folder of decoded images, extracted archives and streamed splits; unset: "
-        "~/.cache/ddcnn",
-    )
-    max_memory_gb: float = option(
-        4.0, group="data", help="datasets whose stored images (uint8, or uint16) take more GB (10^9 bytes) than "
-        "this are streamed from the on-disk cache instead of held in memory",
-    )
-    num_workers: int = option(
-        0, group="data", help="DataLoader worker processes reading a streamed dataset; 0: the main process "
-        "(in-memory datasets use none)",
-    )
-    intensity: str = option(
-        "auto", group="data",
-        help="how raw values become stored levels (docs: ddcnn.data.intensity): auto (8-bit data as is, integers "
-        "in their 16-bit range, else the min..max), none (fixed ranges only), window:LO,HI (CT windowing: LO..HI, "
-        "e.g. Hounsfield units -1000,400, mapped to [0, 1], clipped) or percentile:P1,P99 (those percentiles of "
-        "the train split as the window); 16 bits are stored where 8 would lose levels",
-    )
-    volume_shape: str | None = option(
-        None, group="data",
-        help="DxHxW voxel grid that nifti volumes are resampled to (trilinear), e.g. 64x64x64; unset: their own "
-        "shape, which must then be one for all",
-    )
-
-    def __post_init__(self) -> None:
-        rule, values = parse_intensity(self.intensity)
-        self.intensity = rule if values is None else f"{rule}:{values[0]:g},{values[1]:g}"
-        shape = parse_volume_shape(self.volume_shape)
-        self.volume_shape = None if shape is None else "x".join(map(str, shape))
-        check(_optional_positive(self.image_size), "image_size", self.image_size, "a positive side length or None")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
-        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
-        check(self.crop_padding >= 0, "crop_padding", self.crop_padding, "0 or more pixels")
-        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
-        check(0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "in [0, 1)")
-        check(self.split_seed >= 0, "split_seed", self.split_seed, "0 or more")
-        check(_optional_positive(self.limit_train), "limit_train", self.limit_train, "a positive count or None")
-        check(self.max_memory_gb > 0, "max_memory_gb", self.max_memory_gb, "positive")
-        check(self.num_workers >= 0, "num_workers", self.num_workers, "0 or more")
-        check_choices(self)
+__all__ = [
+    "INTENSITY_FORMS",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SharedOptions",
+    "TrainConfig",
+    "parse_intensity",
+    "parse_volume_shape",
+]
 
 
 @dataclass
@@ -245,6 +129,20 @@ class TrainConfig:
         help="fraction of all steps spent warming up from 0.1 x lr to lr, for onecycle and cosine",
     )
     label_smoothing: float = option(0.0, group="training", help="label smoothing of the cross-entropy, in [0, 1)")
+    class_weights: str = option(
+        "none", group="training", choices=CLASS_WEIGHTS,
+        help="class weights of the training loss, for imbalanced classes: none, or balanced (class k weighs n / (K * "
+        "n_k), as scikit-learn's 'balanced', from the labels of the images being trained on): each image's "
+        "cross-entropy times its class's weight, summed and divided by the batch size. For every training of the "
+        "run: global, local phase, coherent, transfer and a trained aggregator (weighted by its own training inputs' "
+        "labels); the logged train loss is the weighted one, val and test losses are not weighted",
+    )
+    sampler: str = option(
+        "uniform", group="training", choices=SAMPLERS,
+        help="how an epoch draws its training images: uniform (a permutation, every image once) or balanced (as "
+        "many draws as images, with replacement, every class equally likely; ddcnn.data.sampling), for every "
+        "training of the run, a trained aggregator's too",
+    )
     accumulate: int = option(
         1, group="training", help="gradient accumulation: micro-batches of --batch-size per optimizer step, for the "
         "step of a batch N times larger in the memory of one (batch norm still sees the micro-batches)",
@@ -309,11 +207,11 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
         check(0 <= self.warmup_fraction <= 1, "warmup_fraction", self.warmup_fraction, "in [0, 1]")
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
-        check(_optional_positive(self.grad_clip), "grad_clip", self.grad_clip, "a positive norm or None")
+        check(optional_positive(self.grad_clip), "grad_clip", self.grad_clip, "a positive norm or None")
         check(self.seed >= 0, "seed", self.seed, "0 or more")
         check(self.accumulate >= 1, "accumulate", self.accumulate, "at least 1 micro-batch per optimizer step")
         check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1 epoch")
-        check(_optional_positive(self.threads), "threads", self.threads, "a positive count or None")
+        check(optional_positive(self.threads), "threads", self.threads, "a positive count or None")
         check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "positive minutes")
         check(self.powersgd_rank >= 1, "powersgd_rank", self.powersgd_rank, "at least 1")
 
@@ -356,7 +254,7 @@ class SharedOptions:
         check(self.crossfit_folds >= 2, "crossfit_folds", self.crossfit_folds, "at least 2")
         check(self.augmented_passes >= 1, "augmented_passes", self.augmented_passes, "at least 1")
         check(self.aggregator_batch_size >= 1, "aggregator_batch_size", self.aggregator_batch_size, "at least 1")
-        check(_optional_positive(self.aggregator_lr), "aggregator_lr", self.aggregator_lr, "positive or None")
+        check(optional_positive(self.aggregator_lr), "aggregator_lr", self.aggregator_lr, "positive or None")
 
 
 @dataclass

@@ -8,12 +8,16 @@ a dtype every kernel (indexing, gathers, flips, on CPU and CUDA) supports, which
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .intensity import IDENTITY, Intensity
+from .subimages import OwnSubimages
+
+log = logging.getLogger(__name__)
 
 OFFSET_16 = 32768  # a uint16 level q is held on devices as the int16 q - OFFSET_16
 _LEVELS = {torch.uint8: 255, torch.uint16: 65535, np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
@@ -49,6 +53,9 @@ class ImageSet:
     _device_copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _subimage_copies: dict[tuple[torch.device, OwnSubimages], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,12 +65,40 @@ class ImageSet:
         loaders share one copy."""
         if isinstance(self.images, np.ndarray):
             raise TypeError("a streamed ImageSet (np.memmap images) is read batch by batch, not moved to a device")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _index_device(device)
         if device not in self._device_copies:
             self._device_copies[device] = (device_form(self.images).to(device), self.labels.to(device))
         return self._device_copies[device]
+
+    def subimages_on_device(self, device: torch.device, own: OwnSubimages) -> tuple[torch.Tensor, torch.Tensor]:
+        """The regions of ``own`` (a process's subimages with the margin its augmentation reads) of every image
+        ``(n, R, C, *region_shape)`` in :func:`device_form`, and the labels, on ``device``: cut once from the host
+        images on the first call and cached, so that the device never holds the whole images."""
+        if isinstance(self.images, np.ndarray):
+            raise TypeError("a streamed ImageSet (np.memmap images) is read batch by batch, not moved to a device")
+        device = _index_device(device)
+        if (device, own) not in self._subimage_copies:
+            regions = device_form(own.cut(self.images)).to(device)
+            self._subimage_copies[device, own] = (regions, self.labels.to(device))
+            shape, megabytes = "x".join(map(str, own.region_shape)), regions.nbytes / 1e6
+            log.info(
+                "subimages of subdomains %s on %s: %d regions of %s, %.2f of every image (%.1f MB)",
+                own.subdomains,
+                device,
+                own.num_regions,
+                shape,
+                own.fraction,
+                megabytes,
+            )
+        return self._subimage_copies[device, own]
+
+
+def _index_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index (``cuda`` is ``cuda:<current>``), so that one device is one cache key."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @dataclass

@@ -16,6 +16,11 @@ run on the device for the whole batch at once:
 * ``x = (level / levels - mean) / std`` as float32, ``levels`` 255 for uint8 images and 65535 for uint16 ones
   (held on the device as int16 offset by -32768, see :func:`~ddcnn.data.dataset.device_form`, and shifted back
   here, exactly, in float32).
+
+A loader of a process's own subimages (``subimages=``, the model-parallel local phase) yields, bit for bit, what the
+decomposition would cut from those batches for its subdomains, but holds on the device only the regions of the
+images those subimages (and their augmentation) read, cut once, and gathers the subimages from them by the same
+coordinates (:mod:`ddcnn.data.subimages`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
+from ..decomposition import Decomposition
 from ..errors import ConfigError
 from .cache import reopen_array
 from .dataset import OFFSET_16, ImageSet, device_form, stored_levels
+from .sampling import epoch_order
+from .subimages import OwnSubimages, Regions
 
 _ORDER_STREAM = 0  # the random stream that orders an epoch; stream 1 + rank augments it
 
@@ -46,13 +54,21 @@ def make_loader(
     seed: int = 0,
     shard: tuple[int, int] = (0, 1),
     drop_last: bool | None = None,
+    sampler: str = "uniform",
+    subimages: tuple[Decomposition, Sequence[int]] | None = None,
 ) -> BatchLoader:
     """A loader over ``split``: shuffled, augmented (if ``cfg.augment``) and without the last partial batch (unless
     ``drop_last=False``) when ``train``; in fixed order, unaugmented and complete otherwise.
 
     ``shard=(rank, world)`` gives this rank its part of every epoch, for data-parallel training: all ranks draw the
     same permutation; training shards are disjoint and of equal size (the ``n % world`` samples at the end of the
-    permutation are left out of that epoch), evaluation shards cover every sample exactly once.
+    permutation are left out of that epoch), evaluation shards cover every sample exactly once. ``sampler``: how a
+    training epoch is drawn, a permutation or class-balanced (:mod:`ddcnn.data.sampling`), sharded alike.
+
+    ``subimages=(decomposition, subdomains)``: yield only the subimages of those subdomains, ``(B, S, C,
+    *subimage_shape)``, exactly as the whole images' batches cut by ``decomposition`` (a process's share of the local
+    CNNs in the model-parallel local phase); the loader then holds and augments only those
+    (:mod:`ddcnn.data.subimages`).
     """
     return BatchLoader(
         split,
@@ -68,12 +84,20 @@ def make_loader(
         shard=shard,
         drop_last=train if drop_last is None else drop_last,
         num_workers=cfg.num_workers,
+        sampler=sampler,
+        subimages=subimages,
     )
 
 
 class BatchLoader:
-    """Yields ``(x, y)``: float32 normalised images ``(B, C, H, W)`` or ``(B, C, D, H, W)`` and int64 labels, both
-    on ``device``. Call :meth:`set_epoch` before each epoch; iterating twice without it repeats the epoch."""
+    """Yields ``(x, y)``: float32 normalised images ``(B, C, H, W)`` or ``(B, C, D, H, W)`` (with ``subimages``:
+    subimages ``(B, S, C, *subimage_shape)``) and int64 labels, both on ``device``. Call :meth:`set_epoch` before
+    each epoch; iterating twice without it repeats the epoch.
+
+    An epoch is made in three steps: its sample indices (:meth:`_epoch_indices`, the sampler's), its augmentation
+    (:meth:`_draw_augmentation`), then its batches of stored levels, augmented (:meth:`_read_images` for whole
+    images, :meth:`_read_subimages` for a process's own subimages), which :meth:`__iter__` normalises.
+    """
 
     def __init__(
         self,
@@ -91,6 +115,8 @@ class BatchLoader:
         shard: tuple[int, int],
         drop_last: bool,
         num_workers: int,
+        sampler: str = "uniform",
+        subimages: tuple[Decomposition, Sequence[int]] | None = None,
     ):
         rank, world = shard
         channels, *spatial = split.images.shape[1:]
@@ -112,7 +138,9 @@ class BatchLoader:
         self.flip = flip and augment
         self.augment = bool(self.crop_padding or self.flip)
         self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
-        self.num_workers = num_workers
+        self.num_workers, self.sampler = num_workers, sampler
+        if sampler != "uniform" and not shuffle:
+            raise ConfigError(f"sampler {sampler} draws training epochs; an evaluation loader takes every image once")
         self.epoch = 0
         # shuffled shards are cut to equal size; evaluation shards differ by at most one sample
         shard_size = len(split) // world if shuffle else len(range(rank, len(split), world))
@@ -122,7 +150,8 @@ class BatchLoader:
                 "without its last partial batch would be empty; lower the batch size"
             )
         self.num_samples = (shard_size // batch_size) * batch_size if drop_last else shard_size  # per epoch
-        view = (1, channels) + (1,) * len(spatial)
+        self.own = None if subimages is None else _own_subimages(subimages, spatial, self.crop_padding, self.flip)
+        view = (1,) * (self.own is not None) + (1, channels) + (1,) * len(spatial)
         std_t = torch.tensor(std, dtype=torch.float32)
         levels = stored_levels(split.images)
         self._offset = float(OFFSET_16) if levels == 65535 else 0.0  # the int16 device form of uint16 levels
@@ -138,20 +167,62 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._epoch_indices()
-        shifts, flips = self._draw_augmentation(len(indices)) if self.augment else (None, None)
-        for i, (x, y) in enumerate(self._stream(indices) if self._streamed else self._index(indices)):
-            if shifts is not None and flips is not None:
-                rows = slice(i * self.batch_size, i * self.batch_size + len(x))
-                x = crop_and_flip(x, shifts[rows], flips[rows], self.crop_padding)
+        augmentation = self._draw_augmentation(len(indices)) if self.augment else None
+        read = self._read_images if self.own is None else self._read_subimages
+        for x, y in read(indices, augmentation):
             x = x.float().add_(self._offset) if self._offset else x.float()
             yield x.mul_(self._scale).sub_(self._shift), y
+
+    def _batch_augmentation(
+        self, augmentation: tuple[torch.Tensor, torch.Tensor] | None, batch: int, size: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The shifts and flips of the ``batch``-th batch (of ``size`` samples) of the epoch's ``augmentation``."""
+        if augmentation is None:
+            return None, None
+        rows = slice(batch * self.batch_size, batch * self.batch_size + size)
+        return augmentation[0][rows], augmentation[1][rows]
+
+    def _read_images(
+        self, indices: torch.Tensor, augmentation: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches of whole images (stored levels), shifted and flipped by :func:`crop_and_flip`."""
+        for i, (x, y) in enumerate(self._stream(indices) if self._streamed else self._index(indices)):
+            shifts, flips = self._batch_augmentation(augmentation, i, len(y))
+            yield (x if shifts is None else crop_and_flip(x, shifts, flips, self.crop_padding)), y
+
+    def _read_subimages(
+        self, indices: torch.Tensor, augmentation: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches of this process's subimages (stored levels), gathered, shifted and flipped as
+        :meth:`_read_images` then the decomposition would make them, from the regions that hold them (held on the
+        device once, or read batch by batch from a streamed split) or from the whole images where those are held
+        anyway: on the CPU, where the images are their own device copy, or where the regions would hold more."""
+        own = self.own
+        assert own is not None
+        if self._streamed:
+            batches: Iterator[tuple[Regions, torch.Tensor, torch.Tensor]] = (
+                (own.regions(x) if own.holds_less else own.whole(x), torch.arange(len(y), device=self.device), y)
+                for x, y in self._stream(indices, own if own.holds_less else None)
+            )
+        else:
+            zero_copy = self.device.type == "cpu" and self.split.images.dtype == torch.uint8
+            if own.holds_less and not zero_copy:
+                regions, labels = self.split.subimages_on_device(self.device, own)
+                source = own.regions(regions)
+            else:
+                images, labels = self.split.on_device(self.device)
+                source = own.whole(images)
+            batches = ((source, rows, labels[rows]) for rows in indices.to(self.device).split(self.batch_size))
+        for i, (source, rows, y) in enumerate(batches):
+            shifts, flips = self._batch_augmentation(augmentation, i, len(y))
+            yield own.extract(source, rows, shifts, flips), y
 
     def _epoch_indices(self) -> torch.Tensor:
         """This rank's sample indices for the epoch, in batch order (CPU int64)."""
         n = len(self.split)
         if self.shuffle:
             generator = _generator(self.seed, self.epoch, _ORDER_STREAM)
-            order = torch.randperm(n, generator=generator)[: n - n % self.world]
+            order = epoch_order(self.split.labels, generator, self.sampler)[: n - n % self.world]
         else:
             order = torch.arange(n)
         return order[self.rank :: self.world][: self.num_samples]
@@ -173,9 +244,12 @@ class BatchLoader:
         for rows in indices.to(self.device).split(self.batch_size):
             yield images[rows], labels[rows]
 
-    def _stream(self, indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _stream(
+        self, indices: torch.Tensor, own: OwnSubimages | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the memmapped split read by a DataLoader: whole images, or (with ``own``) its regions only."""
         loader = DataLoader(
-            _MemmapBatches(self.split.images, self.split.labels),
+            _MemmapBatches(self.split.images, self.split.labels, own),
             sampler=indices.split(self.batch_size),
             batch_size=None,  # the sampler yields whole batches of indices
             num_workers=self.num_workers,
@@ -210,11 +284,11 @@ class _MemmapBatches(Dataset):
     """Batches of a memmapped split, indexed by a tensor of sample indices. Workers reopen the file rather than
     receive a pickled copy of the array."""
 
-    def __init__(self, images: np.ndarray, labels: torch.Tensor):
+    def __init__(self, images: np.ndarray, labels: torch.Tensor, own: OwnSubimages | None = None):
         self._path = getattr(images, "filename", None)  # None: a plain array, pickled to the workers
         self._images: np.ndarray | None = images
         self._shape, self._dtype = images.shape, images.dtype
-        self._labels = labels
+        self._labels, self._own = labels, own  # own: read only its regions, (B, R, C, *region_shape)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_images": None} if self._path else self.__dict__
@@ -222,7 +296,23 @@ class _MemmapBatches(Dataset):
     def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._images is None:
             self._images = reopen_array(self._path, self._shape, self._dtype)
+        if self._own is not None:
+            return device_form(self._own.cut(self._images, rows.numpy())), self._labels[rows]
         return device_form(np.ascontiguousarray(self._images[rows.numpy()])), self._labels[rows]
+
+
+def _own_subimages(
+    subimages: tuple[Decomposition, Sequence[int]], spatial: Sequence[int], padding: int, flip: bool
+) -> OwnSubimages:
+    """The :class:`OwnSubimages` of ``(decomposition, subdomains)`` over images of shape ``spatial``, read
+    through the loader's augmentation (crop ``padding``, ``flip``)."""
+    decomposition, subdomains = subimages
+    if tuple(decomposition.image_shape) != tuple(spatial):
+        raise ConfigError(
+            f"the decomposition is of images {'x'.join(map(str, decomposition.image_shape))} but the split's are "
+            f"{'x'.join(map(str, spatial))}; build it for the split's images"
+        )
+    return OwnSubimages(decomposition, tuple(subdomains), padding, flip)
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:

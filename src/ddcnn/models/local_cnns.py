@@ -106,6 +106,11 @@ class LocalCNNs(nn.Module):
         return self.net.batching if isinstance(self.net, StackedModules) else "grouped"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, n, K)`` of this module's local CNNs from whole images ``(B, C, *image_shape)``, or from their
+        subimages already cut, ``(B, n, C, *subimage_shape)`` (a loader of a process's own subimages yields those,
+        :mod:`ddcnn.data.subimages`)."""
+        if x.dim() == 3 + self.decomposition.spatial_dims:
+            return self.forward_subimages(x)
         subimages = self.decomposition.split(x)
         if self.is_share:
             subimages = subimages[:, self.subdomains]

@@ -30,7 +30,7 @@ from ..run_folder import check_resume
 from ..runtime import compute_dtype, resolve_device
 from ..train.callbacks import Callback
 from ..train.engine import EpochEnd, FitResult, Trainer
-from ..train.evaluation import EvalResult
+from ..train.evaluation import EvalResult, training_class_weights
 from ..train.metrics import ClassificationReport, classification_report
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,17 @@ class Experiment:
         seed: int | None = None,
         drop_last: bool | None = None,
         parallel: Parallel | None = None,
+        sampler: str = "uniform",
+        local_cnns: LocalCNNs | None = None,
     ):
-        """Batches of ``split``; with ``parallel``, this process's share of each (training) batch."""
+        """Batches of ``split``; with ``parallel``, this process's share of each (training) batch; ``sampler``: the
+        order of a training epoch (:mod:`ddcnn.data.sampling`). With ``local_cnns`` that are a process's share of a
+        decomposition's local CNNs (model parallel), the batches are the subimages of its subdomains only, the same
+        pixels as the whole images' cut (:mod:`ddcnn.data.subimages`): the process holds and augments no more."""
         data = self.data
+        subimages = None
+        if local_cnns is not None and local_cnns.is_share:
+            subimages = (local_cnns.decomposition, tuple(local_cnns.subdomains))
         batch_size = self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size
         mean, std = self.normalization()
         return make_loader(
@@ -95,6 +103,8 @@ class Experiment:
             seed=self.cfg.train.seed if seed is None else seed,
             shard=parallel.shard if parallel else (0, 1),
             drop_last=drop_last,
+            sampler=sampler,
+            subimages=subimages,
         )
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -268,8 +278,12 @@ def fit_phase(
         epoch_end=epoch_end,
         callbacks=exp.callbacks,
         check_resumed=lambda state: check_resume(state.get("config"), exp.cfg, name, checkpoint),
+        class_weights=training_class_weights(exp.cfg.train, exp.data.train.labels, exp.data.num_classes),
     )
-    return trainer.fit(exp.loader("train", train=True, parallel=parallel), exp.loader("val"), resume=exp.cfg.resume)
+    # local CNNs (a process's share of them) read only their subimages; other models whole images
+    local_cnns = model if isinstance(model, LocalCNNs) else None
+    train = exp.loader("train", train=True, parallel=parallel, sampler=exp.cfg.train.sampler, local_cnns=local_cnns)
+    return trainer.fit(train, exp.loader("val", local_cnns=local_cnns), resume=exp.cfg.resume)
 
 
 def local_epochs(exp: Experiment) -> int:
@@ -277,10 +291,9 @@ def local_epochs(exp: Experiment) -> int:
 
 
 def method_report(result: EvalResult) -> ClassificationReport:
-    probs = result.probabilities
-    if probs.dim() == 3:  # local CNNs: the report of their mean probability (per-subdomain numbers kept apart)
-        probs = probs.mean(1)
-    return classification_report(result.labels, probs, loss=result.loss)
+    """The report of a method's test probabilities; for local CNNs that of their mean probability, each local CNN's
+    balanced accuracy and AUC in its ``extra``."""
+    return classification_report(result.labels, result.probabilities, loss=result.loss)
 
 
 def checkpoint_in(source: str | Path, stem: str) -> Path:

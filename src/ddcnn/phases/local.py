@@ -37,7 +37,8 @@ def train_local_cnns(
     exp: Experiment, decomposition: Decomposition, epochs: int, name: str, epoch_end: EpochEnd | None = None
 ) -> tuple[LocalCNNs, FitResult]:
     """Train the local CNNs of ``decomposition`` (all at once; ``1x1`` is the global CNN), with checkpoints; in a
-    distributed run, this process's share of them (see :meth:`Experiment.parallel`). ``epoch_end(trainer, row)`` is
+    distributed run, this process's share of them (see :meth:`Experiment.parallel`), which reads only its subdomains'
+    subimages (:mod:`ddcnn.data.subimages`; model parallel). ``epoch_end(trainer, row)`` is
     called after every epoch and can end training early (see :class:`~ddcnn.train.engine.Trainer`)."""
     seed_everything(exp.cfg.train.seed)
     parallel = exp.parallel(decomposition)
@@ -82,8 +83,9 @@ def run_local(exp: Experiment) -> MethodResult:
     model, fit = train_local_cnns(exp, decomposition, local_epochs(exp), "local")
     _log_subdomains("local", fit.history)
     parallel = exp.parallel(decomposition)
-    test = evaluate(model, exp.loader("test"), exp.cfg.train, exp.device, collect=True, parallel=parallel)
-    val = evaluate(model, exp.loader("val"), exp.cfg.train, exp.device, parallel=parallel)
+    test_images, val_images = (exp.loader(split, local_cnns=model) for split in ("test", "val"))  # own subimages
+    test = evaluate(model, test_images, exp.cfg.train, exp.device, collect=True, parallel=parallel)
+    val = evaluate(model, val_images, exp.cfg.train, exp.device, parallel=parallel)
     return MethodResult(
         "local", format_grid(decomposition.grid), method_report(test), val.accuracy, count_parameters(model),
         fit.train_seconds, fit.images_per_second, fit.history,

@@ -31,7 +31,7 @@ from ..errors import DDCNNError, TrainingDivergedError
 from ..models.backbone import Backbone
 from ..runtime import autocast, grad_scaler
 from .callbacks import Callback, CallbackList
-from .evaluation import classification_loss, correct_predictions, evaluate, to_memory_format
+from .evaluation import checked_class_weights, classification_loss, correct_predictions, evaluate, to_memory_format
 from .logs import format_bytes, write_csv
 from .optim import build_optimizer, build_scheduler
 from .signals import StopOnSignal, TrainingInterrupted
@@ -127,7 +127,9 @@ class Trainer:
     ``epoch_end(trainer, row)``, if given, is called after every epoch (trained, validated, checkpointed and logged)
     with that epoch's log row; its time is not training time, and returning True ends training after that epoch
     (in a distributed run every process must return the same). ``callbacks`` receive the events of
-    :class:`~ddcnn.train.callbacks.Callback`.
+    :class:`~ddcnn.train.callbacks.Callback`. ``class_weights`` (``(K,)``) weight the training loss
+    (:func:`~ddcnn.train.evaluation.classification_loss`); required, and only taken, with ``cfg.class_weights``
+    other than none (:func:`~ddcnn.train.evaluation.training_class_weights` of the training labels).
     """
 
     model: nn.Module
@@ -146,8 +148,10 @@ class Trainer:
     epoch_end: EpochEnd | None = None
     callbacks: Sequence[Callback] = ()
     check_resumed: Callable[[dict[str, Any]], None] | None = None  # called with a checkpoint before resuming it
+    class_weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.class_weights = checked_class_weights(self.cfg, self.class_weights, self.device, self.desc)
         placed = self.parallel is not None  # on the processes of a run (not, e.g., an aggregator every rank trains)
         if self.parallel is None:
             self.parallel = Parallel.single(device=self.device)
@@ -228,6 +232,9 @@ class Trainer:
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             self.load_checkpoint(self.checkpoint)
         self._replicas.plan(self.epochs * optimizer_steps, self.scheduler.last_epoch)
+        # every process starts its first epoch's clock together: a rank that loaded its data sooner would otherwise
+        # count the others' loading as its first epoch
+        self.parallel.ctx.barrier()
         self._callbacks.on_fit_start(self)
         with StopOnSignal() as stop:
             while self.epoch < self.epochs:
@@ -305,7 +312,7 @@ class Trainer:
         with self._replicas.micro_batch(sync=last):  # forward and backward: DDP decides in forward to average
             with autocast(cfg, self.device):
                 logits = self._forward(x)
-            loss = classification_loss(logits, y, cfg.label_smoothing)
+            loss = classification_loss(logits, y, cfg.label_smoothing, self.class_weights)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"{self.desc}: the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step "

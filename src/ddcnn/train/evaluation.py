@@ -4,6 +4,12 @@
 Models return logits ``(B, K)`` (a global CNN, a CNN-DNN, an aggregator) or ``(B, N, K)`` (N local CNNs, each
 predicting the class of the whole image). For ``(B, N, K)`` the loss is the *sum* over subdomains of each local
 CNN's mean cross-entropy, so each local CNN gets exactly the gradient it would get if it were trained alone.
+
+With class weights (``--class-weights balanced``, :func:`balanced_class_weights`) each image's cross-entropy is
+multiplied by its class's weight and the sum divided by the batch size B, not by the sum of the batch's weights (as
+``F.cross_entropy(weight=...)`` averages). The balanced weights average 1 over the training images, so the loss
+keeps its scale; it is, in expectation, the loss of a class-balanced epoch (``--sampler balanced``); and a mean over
+B is what data parallelism and gradient accumulation split exactly: the mean of equal shards' means is the batch's.
 """
 
 from __future__ import annotations
@@ -18,12 +24,53 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..distributed import Parallel
-from ..errors import DDCNNError
+from ..errors import ConfigError, DatasetError, DDCNNError
 from ..runtime import at_least_float32, autocast, compute_dtype, use_channels_last
 
 
-def classification_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy; for ``(B, N, K)`` logits the sum over subdomains of each local CNN's mean loss."""
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``n / (K * n_k)`` of the ``K = num_classes`` classes in ``labels`` (float64, on the
+    CPU), as scikit-learn's ``compute_class_weight("balanced")``; every class must have an image."""
+    counts = torch.bincount(labels.detach().cpu().long(), minlength=num_classes)
+    if len(counts) > num_classes:
+        raise DatasetError(f"labels reach class {len(counts) - 1}, but there are {num_classes} classes")
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise DatasetError(
+            f"--class-weights balanced needs an image of every class among the {len(labels)} being trained on, but "
+            f"class(es) {missing} have none; use more images (--limit-train) or --class-weights none"
+        )
+    return len(labels) / (num_classes * counts.double())
+
+
+def training_class_weights(cfg: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The class weights of ``cfg.class_weights`` for a training on images labelled ``labels``; None for none."""
+    return balanced_class_weights(labels, num_classes) if cfg.class_weights == "balanced" else None
+
+
+def checked_class_weights(
+    cfg: TrainConfig, weights: torch.Tensor | None, device: torch.device, desc: str = "train"
+) -> torch.Tensor | None:
+    """A Trainer's ``weights`` on ``device``: given exactly when ``cfg.class_weights`` is not none, so that the option
+    is never silently ignored (and weights never applied without it)."""
+    if (cfg.class_weights == "none") != (weights is None):
+        raise ConfigError(
+            f"{desc}: class_weights {cfg.class_weights} needs the Trainer's class_weights tensor (and none takes "
+            "none); pass training_class_weights(cfg, labels, num_classes)"
+        )
+    return None if weights is None else weights.to(device)
+
+
+def classification_loss(
+    logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy; for ``(B, N, K)`` logits the sum over subdomains of each local CNN's mean loss. With
+    ``class_weights`` (``(K,)``), each image's loss times its class's weight, divided by B (see the module's doc)."""
+    if class_weights is not None:
+        flat = at_least_float32(logits.reshape(-1, logits.shape[-1]))
+        targets = y.repeat_interleave(logits.shape[1]) if logits.dim() == 3 else y
+        losses = F.cross_entropy(flat, targets, label_smoothing=label_smoothing, reduction="none")
+        return (losses * class_weights.to(losses)[targets]).sum() / len(y)
     if logits.dim() == 3:
         b, n, k = logits.shape
         total = F.cross_entropy(

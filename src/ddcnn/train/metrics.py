@@ -31,7 +31,16 @@ class ClassificationReport:
 def classification_report(
     y_true: torch.Tensor, probabilities: torch.Tensor, loss: float | None = None
 ) -> ClassificationReport:
-    """Accuracy, balanced accuracy, per-class accuracy, confusion matrix and AUC of ``(n, K)`` probabilities."""
+    """Accuracy, balanced accuracy, per-class accuracy, confusion matrix and AUC of ``(n, K)`` probabilities.
+
+    ``(n, N, K)`` probabilities (N local CNNs): the report of their mean over the subdomains, and in ``extra`` each
+    local CNN's own ``subdomain_balanced_accuracy`` and ``subdomain_auc`` (lists in subdomain order)."""
+    if probabilities.dim() == 3:
+        reports = [classification_report(y_true, probabilities[:, i]) for i in range(probabilities.shape[1])]
+        report = classification_report(y_true, probabilities.mean(1), loss)
+        report.extra["subdomain_balanced_accuracy"] = [r.balanced_accuracy for r in reports]
+        report.extra["subdomain_auc"] = [r.auc for r in reports]
+        return report
     y_true = y_true.cpu().long()
     probabilities = probabilities.detach().float().cpu()
     k = probabilities.shape[1]
