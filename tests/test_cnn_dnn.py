@@ -196,3 +196,52 @@ def test_coherent_training_moves_every_local_cnn():
         after = model.local_cnns.local_cnn(i).state_dict()
         weights = [k for k, v in after.items() if k.endswith("weight")]
         assert all(not torch.equal(after[k], before[i][k]) for k in weights), f"local CNN {i} did not move"
+
+
+def test_an_aggregator_that_reads_logits_gets_the_local_logits():
+    torch.manual_seed(0)
+    decomposition = Decomposition(GRID, SHAPE)
+    local = LocalCNNs("vgg3", decomposition, 1, 3, width=0.25)
+    linear = create_aggregator("linear", 4, 3, local_output="logits")
+    model = CNNDNN(local, linear).eval()
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        logits = local(x)
+        assert not torch.allclose(logits, logits.softmax(-1))  # the hand-made case where the two differ
+        torch.testing.assert_close(model.forward_local(x), logits)
+        torch.testing.assert_close(model(x), linear(logits))
+        assert not torch.allclose(model(x), linear(logits.softmax(-1)))
+        scores, probabilities = model.forward_with_local(x)  # the local probabilities still, for predict
+    torch.testing.assert_close(probabilities, logits.softmax(-1))
+    torch.testing.assert_close(scores, model(x))
+
+
+@pytest.mark.parametrize("aggregator", ["attention", "dnn"])
+def test_a_spec_rebuilds_an_aggregator_that_reads_logits(tmp_path, aggregator):
+    from ddcnn.config import ModelConfig
+    from ddcnn.models.aggregators import aggregator_options
+    from ddcnn.models.spec import model_from_checkpoint
+
+    options = aggregator_options(aggregator, ModelConfig(local_output="logits", dnn_hidden=(8,)))
+    torch.manual_seed(0)
+    local = LocalCNNs("vgg3", Decomposition(GRID, SHAPE), 1, 3, width=0.25)
+    model = CNNDNN(local, create_aggregator(aggregator, 4, 3, **options)).eval()
+    spec = ModelSpec.of(model, aggregator_options=options)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec and spec.aggregator_options["local_output"] == "logits"
+    path = save_checkpoint({"model": model.state_dict(), "spec": spec.to_dict()}, tmp_path / f"{aggregator}.pt")
+    rebuilt = model_from_checkpoint(path)
+    assert rebuilt.aggregator.local_output == "logits"
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_an_aggregator_is_not_copied_into_one_that_reads_other_local_outputs(tmp_path):
+    pretrained = cnn_dnn(seed=1)  # a dnn on probabilities
+    spec = ModelSpec.of(pretrained).to_dict()
+    path = save_checkpoint({"model": pretrained.state_dict(), "spec": spec}, tmp_path / "dnn.pt")
+    fresh = cnn_dnn(seed=2)
+    reads_logits = create_aggregator("dnn", 4, 3, local_output="logits")
+    with pytest.raises(CheckpointMismatchError, match="reads the local probabilities, but this run's reads the local "
+                       "logits"):
+        CNNDNN.from_pretrained(path, fresh.local_cnns, reads_logits, with_aggregator=True)

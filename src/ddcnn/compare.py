@@ -149,6 +149,9 @@ class CompareConfig(SharedOptions):
         if not ("dnn" in methods or (coherent and model.aggregator == "dnn")):
             messages += [f"--{n.replace('_', '-')} has no effect: no method of this comparison has a dnn aggregator"
                          for n in ("dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm") if n in changed]
+        if "local_output" in changed and not (trained or (coherent and aggregator_class(model.aggregator).trainable)):
+            messages.append("--local-output has no effect: no method of this comparison has a trained aggregator "
+                            "(dnn, linear or attention), the only ones that read logits")
         messages += inapplicable_aggregation(self, changed, bool(trained), "no method of this comparison trains an "
                                              "aggregator on local probabilities", self.data.augment)
         for phase, needs in {"global": methods & {"global"}, "coherent": coherent}.items():

@@ -123,7 +123,7 @@ def results_markdown(
         f"backbone {cc.model.backbone} (width {cc.model.width}{local_width}), epochs: global "
         f"{cc.phase_epochs('global')}, local {cc.phase_epochs('local')}, aggregators "
         f"{cc.phase_epochs('aggregator')}, coherent and transfer {cc.phase_epochs('coherent')}; aggregator inputs: "
-        f"{cc.aggregator_inputs}{balancing}.",
+        f"{cc.aggregator_inputs}, the local {cc.model.local_output}{balancing}.",
         "",
         *methods_by_grids(accuracy),
         "",
@@ -159,7 +159,8 @@ def results_markdown(
     lines += [
         "",
         "Training time is wall-clock seconds of the training epochs (evaluation excluded). *Own phase*: the local "
-        "phase for local (all local CNNs at once, so the same for every subdomain); for dnn and linear, computing "
+        "phase for local (all local CNNs at once, so the same for every subdomain); for dnn, linear and attention, "
+        "computing "
         "the frozen local CNNs' training inputs plus training the aggregator; for weighted, the local CNNs on the "
         "validation split plus the fit; mean, logmean and vote need no training (0). *Incl. local phase*: the same "
         "plus the local phase the aggregator or transfer learning starts from. Parameters of an aggregator's row and "

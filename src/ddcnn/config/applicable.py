@@ -43,10 +43,13 @@ def inapplicable_options(cfg: RunConfig) -> list[str]:
     uses_aggregator = method in ("aggregation", "coherent", "transfer")
     if not uses_aggregator:
         messages += [f"--{_flag(name)} has no effect with --method {method}, which has no aggregator"
-                     for name in sorted(changed) if name in _AGGREGATOR_OPTIONS]
+                     for name in sorted(changed) if name in (*_AGGREGATOR_OPTIONS, "local_output")]
     elif model.aggregator != "dnn":
         messages += [f"--{_flag(name)} has no effect with --aggregator {model.aggregator}: it is an option of the "
                      "dnn aggregator" for name in sorted(changed) if name in _AGGREGATOR_OPTIONS[1:]]
+    if uses_aggregator and "local_output" in changed and not _aggregator_is_trained(model.aggregator):
+        messages.append(f"--local-output has no effect with --aggregator {model.aggregator}: it combines the local "
+                        "probabilities (the trained aggregators dnn, linear and attention read logits)")
     if cfg.transfer_aggregator and method != "transfer":
         messages.append(f"--transfer-aggregator has no effect with --method {method}: only transfer starts from an "
                         "aggregation phase")

@@ -17,6 +17,7 @@ DDP_HOOKS = ("none", "fp16", "powersgd")  # --ddp-hook: ddcnn.distributed.ddp
 DTYPES = ("float32", "float64")
 AMP_DTYPES = ("bfloat16", "float16")
 AGGREGATOR_INPUTS = ("train", "crossfit", "val", "augmented")
+LOCAL_OUTPUTS = ("probabilities", "logits")  # --local-output: what a trained aggregator reads
 NORMALIZATIONS = ("data", "imagenet")  # --normalize: the training split's statistics, or ImageNet's
 CLASS_WEIGHTS = ("none", "balanced")  # --class-weights: ddcnn.train.evaluation.balanced_class_weights
 SAMPLERS = ("uniform", "balanced")  # --sampler: ddcnn.data.sampling

@@ -15,6 +15,7 @@ from .options import (
     CLASS_WEIGHTS,
     DDP_HOOKS,
     DTYPES,
+    LOCAL_OUTPUTS,
     METHOD_NAMES,
     OPTIMIZERS,
     PARALLEL_MODES,
@@ -70,6 +71,8 @@ class ModelConfig:
         0.1, group="aggregation", help="dropout probability after each hidden layer of the dnn aggregator, in [0, 1)"
     )
     dnn_batchnorm: bool = option(True, group="aggregation", help="batch norm in the dnn aggregator's hidden layers")
+    local_output: str = option("probabilities", group="aggregation", choices=LOCAL_OUTPUTS, help="what of the local "
+                               "CNNs the trained aggregators (dnn, linear, attention) read: probabilities or logits")
     init_weights: str | None = option(
         None, group="model", help="a file of pretrained weights that the global CNN and every local CNN start from "
         "instead of at random: a torchvision or timm state dict (.safetensors, or .pt/.pth read with weights_only) "
@@ -91,6 +94,7 @@ class ModelConfig:
         check(self.overlap >= 0, "overlap", self.overlap, "0 or more pixels")
         check(all(h >= 1 for h in self.dnn_hidden), "dnn_hidden", self.dnn_hidden, "positive layer sizes")
         check(0 <= self.dnn_dropout < 1, "dnn_dropout", self.dnn_dropout, "in [0, 1)")
+        check_choices(self)
         if self.init_weights_sha256 is not None:
             self.init_weights_sha256 = str(self.init_weights_sha256).strip().lower()
             check(bool(re.fullmatch(r"[0-9a-f]{64}", self.init_weights_sha256)), "init_weights_sha256",
@@ -247,7 +251,8 @@ class SharedOptions:
     aggregator_batch_size: int = option(512, group="aggregation", help="probability vectors (N*K numbers each) per "
                                         "step of a trained aggregator in the aggregation phase, which uses adamw")
     aggregator_lr: float | None = option(None, group="aggregation", help="peak learning rate of the aggregation "
-                                         "phase's adamw; unset: the aggregator's own (dnn 0.01, linear 0.1)")
+                                         "phase's adamw; unset: the aggregator's own (dnn 0.01, linear 0.1, "
+                                         "attention 0.003)")
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -9,6 +9,7 @@ name       output               rule
 =========  ===================  ===========================================================================
 dnn        logits               the paper's dense network on the ``N*K`` concatenated probabilities (trained)
 linear     logits               one affine map ``N*K -> K``: a learned linear stacker (trained)
+attention  logits               a small transformer over the ``N`` subdomain tokens, position-embedded (trained)
 mean       log-probabilities    average probability, ``log (1/N) sum_i p_i``
 logmean    log-probabilities    average log-probability (geometric mean), renormalised
 vote       log-probabilities    majority voting of ``argmax p_i`` (tie rule below)
@@ -19,6 +20,11 @@ weighted   log-probabilities    average probability weighted by each local CNN's
 aggregation phase, with AdamW at their ``default_lr``) or end to end inside a CNN-DNN (coherent training); the
 others have a closed-form :meth:`Aggregator.fit` on held-out probabilities, a no-op for all but ``weighted``
 (``fitted = True``).
+
+What the trained ones read is their ``local_output`` (``ModelConfig.local_output``): the local CNNs' probabilities,
+as in the papers, or their logits, which keep what the softmax removes (how far above the others a class is, and
+each local CNN's overall scale). The closed-form rules are defined on probabilities and always read those. The
+:class:`~ddcnn.models.cnn_dnn.CNNDNN` and the aggregation phase hand each aggregator what it reads.
 
 Registry: ``@register_aggregator("name")`` on an :class:`Aggregator` subclass, ``create_aggregator(name,
 num_subdomains, num_classes, **options)``, ``list_aggregators()``; :func:`aggregator_options` reads a class's
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..config.options import LOCAL_OUTPUTS
 from ..errors import ConfigError, InputSizeError, UnknownNameError
 
 # probabilities are clamped here before a log: an underflowed softmax (exactly 0) must not give -inf scores
@@ -50,13 +57,22 @@ class Aggregator(nn.Module):
     # the peak learning rate of AdamW in the aggregation phase, unless --aggregator-lr sets one
     default_lr: ClassVar[float] = 0.01
 
-    def __init__(self, num_subdomains: int, num_classes: int):
+    def __init__(self, num_subdomains: int, num_classes: int, local_output: str = "probabilities"):
         super().__init__()
+        if local_output not in LOCAL_OUTPUTS:
+            raise ConfigError(f"local_output must be one of {', '.join(LOCAL_OUTPUTS)}, got {local_output!r}")
+        if local_output != "probabilities" and not self.trainable:
+            raise ConfigError(f"the {self.name} aggregator combines probabilities; local_output {local_output} is "
+                              "for the trained aggregators")
         self.num_subdomains, self.num_classes = num_subdomains, num_classes
+        self.local_output = local_output  # "probabilities" or "logits" of the local CNNs, (B, N, K) either way
 
     @classmethod
     def options_from_config(cls, model: ModelConfig) -> dict[str, Any]:
-        """This aggregator's constructor options taken from a model configuration (none by default)."""
+        """This aggregator's constructor options taken from a model configuration: for a trained one its
+        ``local_output`` where it is not the default (so that the specs of earlier checkpoints stay equal)."""
+        if cls.trainable and model.local_output != "probabilities":
+            return {"local_output": model.local_output}
         return {}
 
     def fit(self, probabilities: torch.Tensor, labels: torch.Tensor) -> None:
@@ -65,12 +81,13 @@ class Aggregator(nn.Module):
     def check_input(self, probabilities: torch.Tensor) -> None:
         if probabilities.dim() != 3 or tuple(probabilities.shape[1:]) != (self.num_subdomains, self.num_classes):
             raise InputSizeError(
-                f"{type(self).__name__} expects local probabilities (B, {self.num_subdomains}, {self.num_classes}), "
-                f"got {tuple(probabilities.shape)}"
+                f"{type(self).__name__} expects local {self.local_output} (B, {self.num_subdomains}, "
+                f"{self.num_classes}), got {tuple(probabilities.shape)}"
             )
 
     def extra_repr(self) -> str:
-        return f"num_subdomains={self.num_subdomains}, num_classes={self.num_classes}"
+        reads = "" if self.local_output == "probabilities" else f", local_output={self.local_output}"
+        return f"num_subdomains={self.num_subdomains}, num_classes={self.num_classes}{reads}"
 
 
 _AGGREGATORS: dict[str, type[Aggregator]] = {}
@@ -143,8 +160,9 @@ class DNNAggregator(Aggregator):
         activation: str = "relu",
         dropout: float = 0.1,
         batchnorm: bool = True,
+        local_output: str = "probabilities",
     ):
-        super().__init__(num_subdomains, num_classes)
+        super().__init__(num_subdomains, num_classes, local_output)
         if activation not in _ACTIVATIONS:
             raise UnknownNameError("DNN activation", activation, _ACTIVATIONS)
         if not 0.0 <= dropout < 1.0:
@@ -169,6 +187,7 @@ class DNNAggregator(Aggregator):
             "activation": model.dnn_activation,
             "dropout": model.dnn_dropout,
             "batchnorm": model.dnn_batchnorm,
+            **super().options_from_config(model),
         }
 
     def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
@@ -188,13 +207,67 @@ class LinearAggregator(Aggregator):
     trainable = True
     default_lr = 0.1
 
-    def __init__(self, num_subdomains: int, num_classes: int):
-        super().__init__(num_subdomains, num_classes)
+    def __init__(self, num_subdomains: int, num_classes: int, local_output: str = "probabilities"):
+        super().__init__(num_subdomains, num_classes, local_output)
         self.linear = nn.Linear(num_subdomains * num_classes, num_classes)
 
     def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
         self.check_input(probabilities)
         return self.linear(probabilities.flatten(1))
+
+
+@register_aggregator("attention")
+class AttentionAggregator(Aggregator):
+    """A small transformer encoder over the ``N`` subdomain tokens, returning logits.
+
+    Token ``i`` is a linear embedding of local CNN ``i``'s ``K``-vector (one embedding shared by all subdomains)
+    plus a learned position embedding of subdomain ``i``; ``layers`` pre-norm encoder layers (``heads`` heads,
+    feed-forward ``2 * dim``, GELU, ``dropout``) let every subdomain's token attend to every other's; the tokens'
+    mean, layer-normed, goes through a linear head to ``K`` logits. Attention and mean pooling treat the tokens as
+    a set, so the position embeddings are all that tells the subdomains apart: with them zeroed the output is
+    invariant under any permutation of the subdomains (the dnn and linear aggregators know a subdomain by its
+    place in the concatenation). Its options are recorded in checkpoints, so they rebuild if the defaults change.
+    """
+
+    trainable = True
+    # AdamW's usual rate for a small transformer: its layer norms keep activations at unit scale, so the dnn's
+    # 0.01 (and the linear stacker's 0.1) would be steps too large for its attention weights
+    default_lr = 0.003
+
+    def __init__(
+        self,
+        num_subdomains: int,
+        num_classes: int,
+        dim: int = 32,
+        heads: int = 4,
+        layers: int = 2,
+        dropout: float = 0.1,
+        local_output: str = "probabilities",
+    ):
+        super().__init__(num_subdomains, num_classes, local_output)
+        if dim < 1 or heads < 1 or dim % heads or layers < 1:
+            raise ConfigError(f"attention aggregator: dim {dim} must be a positive multiple of heads {heads}, and "
+                              f"layers {layers} at least 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"attention aggregator: dropout must be in [0, 1), got {dropout}")
+        self.embed = nn.Linear(num_classes, dim)
+        self.position = nn.Parameter(torch.randn(num_subdomains, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        # no nested-tensor fast path: the tokens are never padded
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    @classmethod
+    def options_from_config(cls, model: ModelConfig) -> dict[str, Any]:
+        return {"dim": 32, "heads": 4, "layers": 2, "dropout": 0.1, **super().options_from_config(model)}
+
+    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        self.check_input(probabilities)
+        tokens = self.embed(probabilities) + self.position.to(probabilities.dtype)
+        return self.head(self.norm(self.encoder(tokens).mean(1)))
 
 
 # -- closed form ------------------------------------------------------------------------------------------------

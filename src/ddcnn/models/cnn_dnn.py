@@ -1,7 +1,8 @@
 """The CNN-DNN: the local CNNs of a decomposition composed with an aggregator, ``g(f_1(x_1), ..., f_N(x_N))``.
 
-The local CNNs' logits become probabilities (softmax, in float32) and the aggregator maps them to class scores, so
-the composition is one differentiable model: frozen local CNNs for the aggregation phase, trained end to end for
+The local CNNs' logits become probabilities (softmax, in float32) and the aggregator maps them to class scores (an
+aggregator with ``local_output`` logits gets the float32 logits themselves), so the composition is one
+differentiable model: frozen local CNNs for the aggregation phase, trained end to end for
 coherent training and transfer learning. :meth:`CNNDNN.from_pretrained` starts it from a local-phase (or CNN-DNN)
 checkpoint, asserting that the backbone, grid and classes of the checkpoint's spec (:mod:`ddcnn.models.spec`) and
 every parameter name and shape fit.
@@ -52,15 +53,20 @@ class CNNDNN(nn.Module):
         self.local_cnns, self.aggregator, self.gather = local_cnns, aggregator, gather
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        """The local CNNs' probabilities ``(B, N, K)``."""
+        """What the aggregator reads (its ``local_output``): the local CNNs' probabilities ``(B, N, K)``, or their
+        logits. Gathered in model-parallel training: the same N*K numbers an image either way."""
         logits = self.local_cnns(x)  # in float32 at least: autocast's bf16 is too coarse for probabilities
-        probabilities = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
-        return probabilities if self.gather is None else self.gather(probabilities)
+        local = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.aggregator.local_output != "logits":
+            local = local.softmax(-1)
+        return local if self.gather is None else self.gather(local)
 
     def forward_with_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class scores ``(B, K)`` and the local probabilities ``(B, N, K)`` they come from, in one pass."""
-        probabilities = self.forward_local(x)
-        return self.aggregator(probabilities), probabilities
+        """Class scores ``(B, K)`` and the local probabilities ``(B, N, K)`` they come from, in one pass (for an
+        aggregator that reads logits, the softmax of those)."""
+        local = self.forward_local(x)
+        probabilities = local.softmax(-1) if self.aggregator.local_output == "logits" else local
+        return self.aggregator(local), probabilities
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.aggregator(self.forward_local(x))
@@ -113,6 +119,13 @@ def load_pretrained_aggregator(state: dict[str, Any], aggregator: Aggregator, so
             "CNN-DNN checkpoint such as dnn.pt"
         )
     spec.check_compatible({"aggregator": aggregator.name}, source)
+    reads = spec.aggregator_options.get("local_output", "probabilities")
+    if reads != aggregator.local_output:  # the same weights, but trained on other numbers
+        raise CheckpointMismatchError(
+            f"checkpoint {source} has a {aggregator.name} aggregator that reads the local {reads}, but this run's "
+            f"reads the local {aggregator.local_output}; use a checkpoint trained with --local-output "
+            f"{aggregator.local_output} or change --local-output"
+        )
     weights = _strip(state["model"], AGGREGATOR_PREFIX)
     _check_compatible(aggregator.state_dict(), weights, what=f"the {aggregator.name} aggregator of {source}")
     aggregator.load_state_dict(weights)

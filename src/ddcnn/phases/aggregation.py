@@ -1,10 +1,11 @@
 """The aggregation phase: the frozen local CNNs' probabilities in, a fitted or trained aggregator out.
 
 The local CNNs run once over each split an aggregator needs (:class:`_LocalInputs`), in inference mode (and on the
-CPU in cache-sized chunks, :data:`CPU_CHUNK_PIXELS`); what they produce, ``(n, N, K)`` probabilities, is small, so it
-stays in memory and an aggregator trains on it with the same :class:`~ddcnn.train.engine.Trainer` as every other
-model, fed by a :class:`TensorLoader`. What a trained aggregator learns from is ``cfg.aggregator_inputs``
-(:func:`aggregator_training_inputs`); how it trains is :func:`aggregator_train_config`: AdamW on batches of
+CPU in cache-sized chunks, :mod:`~ddcnn.phases.local_outputs`); what they produce, ``(n, N, K)`` probabilities (and
+logits, for aggregators that read them: ``cfg.model.local_output``), is small, so it stays in memory and an
+aggregator trains on it with the same :class:`~ddcnn.train.engine.Trainer` as every other model, fed by a
+:class:`TensorLoader`. What a trained aggregator learns from is ``cfg.aggregator_inputs`` (which images,
+:func:`aggregator_training_inputs`); how it trains is :func:`aggregator_train_config`: AdamW on batches of
 ``cfg.aggregator_batch_size`` (512): the local CNNs' SGD at their batch of 64 spent 8 us per probability vector
 and epoch, mostly on per-step overhead, this 3.8 us, at the same test accuracy (the dnn on CIFAR-10, 2x2 and 4x4,
 benchmarks/README.md).
@@ -19,21 +20,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, TrainConfig, config_to_dict, format_grid
 from ..data import ImageSet
 from ..data.sampling import epoch_order
 from ..decomposition import Decomposition
-from ..distributed import Parallel
 from ..models import LocalCNNs
 from ..models.aggregators import Aggregator, WeightedAggregator
 from ..models.cnn_dnn import CNNDNN, load_pretrained_aggregator
@@ -54,30 +53,9 @@ from .context import (
     method_report,
 )
 from .local import pretrained_local_cnns, train_local_cnns
+from .local_outputs import LocalProbabilities, _Chunks, local_probabilities  # noqa: F401 (_Chunks: tests reach it here)
 
 log = logging.getLogger(__name__)
-
-# On the CPU the local CNNs see each evaluation batch in chunks of at most this many pixels (64 CIFAR-10 images, 16 of
-# 64x64 pixels, at least CPU_CHUNK_MIN_IMAGES): their feature maps then stay in the caches. On whole batches of 512
-# CIFAR-10 images the inference pass ran 2.4x slower (3,000 against 7,400 images/s on one core, vgg9 width 0.5, 2x2;
-# benchmarks/README.md). A GPU takes whole batches.
-CPU_CHUNK_PIXELS = 2**16
-CPU_CHUNK_MIN_IMAGES = 8
-
-
-@dataclass
-class LocalProbabilities:
-    """The local CNNs' probabilities ``(n, N, K)`` on some images, with those images' labels ``(n,)``."""
-
-    probabilities: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @classmethod
-    def cat(cls, parts: list[LocalProbabilities]) -> LocalProbabilities:
-        return cls(torch.cat([p.probabilities for p in parts]), torch.cat([p.labels for p in parts]))
 
 
 class TensorLoader:
@@ -111,8 +89,11 @@ class TensorLoader:
             self.num_samples = len(y)
 
     @classmethod
-    def of(cls, data: LocalProbabilities, batch_size: int, **kwargs) -> TensorLoader:
-        return cls(data.probabilities, data.labels, batch_size, **kwargs)
+    def of(
+        cls, data: LocalProbabilities, batch_size: int, local_output: str = "probabilities", **kwargs
+    ) -> TensorLoader:
+        """Batches of what an aggregator with ``local_output`` reads, with the labels."""
+        return cls(data.inputs(local_output), data.labels, batch_size, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -128,34 +109,6 @@ class TensorLoader:
             order = torch.arange(len(self.y))
         for rows in order[: self.num_samples].to(self.x.device).split(self.batch_size):
             yield self.x.index_select(0, rows), self.y.index_select(0, rows)  # a row copy, faster than x[rows]
-
-
-class _Chunks:
-    """The batches ``(x, y)`` of ``loader``, each cut into chunks of at most ``pixels`` pixels (and at least
-    ``min_images`` images): for inference on the CPU (:data:`CPU_CHUNK_PIXELS`). Images are independent in
-    evaluation, so the results are those of the whole batches."""
-
-    def __init__(self, loader: Iterable, pixels: int = CPU_CHUNK_PIXELS, min_images: int = CPU_CHUNK_MIN_IMAGES):
-        self.loader, self.pixels, self.min_images = loader, pixels, min_images
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            rows = max(self.min_images, self.pixels // max(x[0, 0].numel(), 1)) if len(x) > self.min_images else 0
-            if rows and len(x) > rows:
-                yield from zip(x.split(rows), y.split(rows))
-            else:
-                yield x, y
-
-
-def local_probabilities(
-    model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device, parallel: Parallel | None = None
-) -> LocalProbabilities:
-    """Run ``model`` (local CNNs, logits ``(B, N, K)``) over ``loader`` once, in eval mode and inference mode (on the
-    CPU in cache-sized chunks of each batch, :class:`_Chunks`); results on the CPU. With ``parallel``, ``model`` is
-    this process's share of the local CNNs and all of theirs are gathered."""
-    batches = _Chunks(loader) if torch.device(device).type == "cpu" else loader
-    result = evaluate(model, batches, cfg, device, collect=True, parallel=parallel)
-    return LocalProbabilities(result.probabilities, result.labels)
 
 
 def aggregator_train_config(cfg: RunConfig, aggregator: Aggregator) -> TrainConfig:
@@ -207,13 +160,14 @@ def fit_aggregator(
         return AggregatorFit([], seconds, len(val) / max(seconds, 1e-9))
     if train is None:
         raise ValueError(f"the {aggregator.name} aggregator is trained and needs training inputs")
+    reads = aggregator.local_output  # the local probabilities, or logits
     trainer = Trainer(
         aggregator, cfg, device, epochs, log_csv=log_csv, desc=aggregator.name, save=save, callbacks=callbacks,
         class_weights=training_class_weights(cfg, train.labels, train.probabilities.shape[-1]),
     )
     fit: FitResult = trainer.fit(
-        TensorLoader.of(train, batch_size, shuffle=True, seed=cfg.seed, device=device, sampler=cfg.sampler),
-        TensorLoader.of(val, batch_size, device=device),
+        TensorLoader.of(train, batch_size, reads, shuffle=True, seed=cfg.seed, device=device, sampler=cfg.sampler),
+        TensorLoader.of(val, batch_size, reads, device=device),
     )
     return AggregatorFit(fit.history, fit.train_seconds, fit.images_per_second)
 
@@ -232,15 +186,24 @@ def _crossfit_probabilities(exp: Experiment, decomposition: Decomposition) -> Lo
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(exp.cfg.train.seed))
     folds = [fold.sort().values for fold in order.chunk(k)]
     probabilities = torch.empty(len(train), decomposition.num_subdomains, exp.data.num_classes)
+    logits = torch.empty_like(probabilities) if _reads_logits(exp) else None
     for j, held_out in enumerate(folds):
         kept = torch.cat([f for i, f in enumerate(folds) if i != j]).sort().values
         fold_exp = exp.with_data(train=_subset(train, kept), val=_subset(train, held_out))
         local_cnns, _ = train_local_cnns(fold_exp, decomposition, local_epochs(exp), f"crossfit{j}")
         fold = local_probabilities(
-            local_cnns, fold_exp.loader("val"), exp.cfg.train, exp.device, fold_exp.parallel(decomposition)
+            local_cnns, fold_exp.loader("val"), exp.cfg.train, exp.device, fold_exp.parallel(decomposition),
+            logits=logits is not None,
         )
         probabilities[held_out] = fold.probabilities
-    return LocalProbabilities(probabilities, train.labels.clone())
+        if logits is not None:
+            logits[held_out] = fold.logits
+    return LocalProbabilities(probabilities, train.labels.clone(), logits)
+
+
+def _reads_logits(exp: Experiment) -> bool:
+    """Whether this run's trained aggregators read the local logits (so the inputs keep them)."""
+    return exp.cfg.model.local_output == "logits"
 
 
 def aggregator_training_inputs(
@@ -254,16 +217,17 @@ def aggregator_training_inputs(
     images with the training augmentation of ``cfg.data`` (so, without augmentation, the ``train`` inputs repeated).
     """
     mode, cfg, parallel = exp.cfg.aggregator_inputs, exp.cfg.train, exp.parallel(decomposition)
+    logits = _reads_logits(exp)
     if mode == "train":
-        return local_probabilities(local_cnns, exp.loader("train"), cfg, exp.device, parallel)
+        return local_probabilities(local_cnns, exp.loader("train"), cfg, exp.device, parallel, logits=logits)
     if mode == "val":
-        return local_probabilities(local_cnns, exp.loader("val"), cfg, exp.device, parallel)
+        return local_probabilities(local_cnns, exp.loader("val"), cfg, exp.device, parallel, logits=logits)
     if mode == "augmented":
         loader = exp.loader("train", train=True, drop_last=False)
         passes = []
         for p in range(exp.cfg.augmented_passes):
             loader.set_epoch(p)
-            passes.append(local_probabilities(local_cnns, loader, cfg, exp.device, parallel))
+            passes.append(local_probabilities(local_cnns, loader, cfg, exp.device, parallel, logits=logits))
         return LocalProbabilities.cat(passes)
     return _crossfit_probabilities(exp, decomposition)
 
@@ -287,7 +251,8 @@ class _LocalInputs:
                 data = aggregator_training_inputs(self.exp, self.local_cnns, self.decomposition)
             else:
                 data = local_probabilities(
-                    self.local_cnns, self.exp.loader(split), self.exp.cfg.train, self.exp.device, self.parallel
+                    self.local_cnns, self.exp.loader(split), self.exp.cfg.train, self.exp.device, self.parallel,
+                    logits=_reads_logits(self.exp),
                 )
             self._cache[split] = data, time.perf_counter() - start
             if self.exp.dist.distributed:
@@ -369,10 +334,10 @@ def _aggregator_result(
     exp: Experiment, aggregator: Aggregator, local_cnns: LocalCNNs, inputs: _LocalInputs, fit: AggregatorFit,
     local_state: dict[str, Any],
 ) -> MethodResult:
-    batch, cfg = exp.cfg.data.eval_batch_size, exp.cfg.train
-    test = evaluate(aggregator, TensorLoader.of(inputs.get("test")[0], batch, device=exp.device), cfg, exp.device,
-                    collect=True)
-    val = evaluate(aggregator, TensorLoader.of(inputs.get("val")[0], batch, device=exp.device), cfg, exp.device)
+    batch, cfg, reads = exp.cfg.data.eval_batch_size, exp.cfg.train, aggregator.local_output
+    test = evaluate(aggregator, TensorLoader.of(inputs.get("test")[0], batch, reads, device=exp.device), cfg,
+                    exp.device, collect=True)
+    val = evaluate(aggregator, TensorLoader.of(inputs.get("val")[0], batch, reads, device=exp.device), cfg, exp.device)
     local_seconds = float(local_state.get("train_seconds", 0.0))
     extra: dict[str, Any] = {
         "aggregator_parameters": count_parameters(aggregator),
@@ -382,7 +347,7 @@ def _aggregator_result(
         **communication_per_step(aggregator, 0),  # its inputs are gathered once (N*K numbers per image), not per step
     }
     if aggregator.trainable:
-        extra["aggregator_inputs"] = exp.cfg.aggregator_inputs
+        extra["aggregator_inputs"], extra["local_output"] = exp.cfg.aggregator_inputs, reads
     if isinstance(aggregator, WeightedAggregator):
         extra["subdomain_weights"] = aggregator.weights.tolist()
     return MethodResult(
