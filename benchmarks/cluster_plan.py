@@ -160,9 +160,15 @@ class Store:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
-        return saved["data"] if saved.get("plan") == self.plan else None
+        return saved["data"] if _how(saved.get("plan") or {}) == _how(self.plan) else None
 
     def put(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         entry = {"plan": self.plan, "load_average": os.getloadavg(), "data": data}
         atomic_write_text(self.path(name), json.dumps(entry, indent=1))
         return data
+
+
+def _how(plan: dict[str, Any]) -> dict[str, Any]:
+    """What makes a measurement stale: the plan without the numbers of nodes it covers (``--nodes`` picks which to
+    measure, not how), so that runs of K = 2 and of K = 4 report together."""
+    return {key: value for key, value in plan.items() if key != "nodes"}
