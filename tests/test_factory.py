@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -490,3 +491,22 @@ def test_model_parallel_torchrun_on_3_then_2_processes_is_the_one_process_run(tm
     assert state["spec"]["backbone"] == CNN and state["model"].keys() == expected["model"].keys()
     torch.testing.assert_close(state["model"], expected["model"], rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(state["optimizer"]["state"], expected["optimizer"]["state"], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["mnist5k", "volumes"])
+def test_compare_runs_every_method_with_the_built_in_densenet121(tmp_path, make_npz, data):
+    """Issue #15's "done when": ``ddcnn compare --backbone densenet121`` on mnist5k and on 3D volumes (the shared
+    AdrenalMNIST3D where it is next to the checkout, else volumes of its shape), at a tiny width."""
+    if data == "mnist5k":
+        flags = ["--dataset", "mnist5k", "--grids", "2x2"]
+    else:
+        volumes = ADRENAL if ADRENAL.is_file() else make_npz(tmp_path / "v.npz", n=64, shape=(28, 28, 28), classes=2)
+        flags = ["--dataset", f"npz:{volumes}", "--grids", "2x2x2"]
+    # 2 pixels of overlap make the 14-pixel subimages 16, the least DenseNet takes
+    flags += ["--backbone", "densenet121", "--width", "0.125", "--local-width", "0.125", "--overlap", "2"]
+    flags += ["--limit-train", "32"]
+    rows = _compare(tmp_path, *flags, "--batch-size", "16")
+    spec = load_checkpoint(tmp_path / f"{flags[3]}/seed0/transfer.pt")["spec"]
+    assert spec["backbone"] == "densenet121" and len(spec["image_shape"]) == (2 if data == "mnist5k" else 3)
+    assert all(math.isfinite(r["test_accuracy"]) for r in rows)
