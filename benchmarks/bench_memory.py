@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
-from common import CIFAR_SHAPE, Goal, Result, Settings
+from common import CIFAR_SHAPE, Goal, Result, Settings, peak_rss
 
 NAME = "memory"
 GOAL_BYTES = 2 * 1024**3
@@ -119,22 +118,10 @@ def _measure(
         step(x, y)
     settings.sync()
     return {
-        "peak_rss": _peak_rss(),
+        "peak_rss": peak_rss(),
         "data_bytes": split.images.numel() * split.images.element_size(),
         "peak_gpu": torch.cuda.max_memory_allocated(settings.device) if settings.cuda else 0,
     }
-
-
-def _peak_rss() -> int:
-    """Bytes: this process's peak resident set size (``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -272,3 +273,15 @@ def attribute(obj: object, name: str, value: object) -> Iterator[None]:
         yield
     finally:
         setattr(obj, name, old)
+
+
+def peak_rss() -> int:
+    """Bytes: this process's peak resident set size (``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux

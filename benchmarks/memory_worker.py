@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import sys
 from pathlib import Path
 
 import torch
+from common import peak_rss  # benchmarks/common.py: this script's folder is on the path
 
 from ddcnn.config import RunConfig, config_from_dict
 from ddcnn.data.subimages import OwnSubimages
@@ -31,18 +31,6 @@ from ddcnn.decomposition import Decomposition
 from ddcnn.distributed import assign_subdomains, distributed_session
 from ddcnn.methods import run
 from ddcnn.phases import Experiment
-
-
-def peak_rss() -> int:
-    """Bytes: this process's peak resident set size (``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def held_fraction(cfg: RunConfig, image_shape: list[int], subdomains: tuple[int, ...]) -> float:
