@@ -37,9 +37,15 @@ TABLES = (
     "adrenalmnist3d",
     "adrenalmnist3d_balanced",
     "tf_flowers_densenet121",
+    "cifar10_full",
+    "cifar10_full_coarse",
 )
 # a table that changes one setting of another: its methods are compared with that table's, seed by seed
-BASELINES = {"cifar10_vgg9_overlap": "cifar10_vgg9", "tf_flowers_crossfit": "tf_flowers"}
+BASELINES = {
+    "cifar10_vgg9_overlap": "cifar10_vgg9",
+    "tf_flowers_crossfit": "tf_flowers",
+    "cifar10_full_coarse": "cifar10_full",
+}
 # tables with imbalanced classes, where accuracy alone misleads (predicting the majority class scores 77% there):
 # the same tables again for these metrics of the test split
 MORE_METRICS = {name: ("test_balanced_accuracy", "test_auc") for name in ("adrenalmnist3d", "adrenalmnist3d_balanced")}

@@ -180,7 +180,9 @@ def test_only_trained_aggregators_read_logits_and_the_default_keeps_the_options(
     with pytest.raises(ConfigError, match="the mean aggregator combines probabilities"):
         create_aggregator("mean", N, K, local_output="logits")
     with pytest.raises(ConfigError, match="local_output"):
-        ModelConfig(local_output="features")
+        ModelConfig(local_output="embeddings")
+    with pytest.raises(ConfigError, match="feature_dim"):
+        ModelConfig(local_output="features", feature_dim=0)
 
 
 # -- in the aggregation phase, end to end, and in ddcnn compare ---------------------------------------------------

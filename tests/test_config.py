@@ -152,9 +152,9 @@ def test_options_are_grouped_by_what_they_mean():
         "distributed": {"parallel", "dist_timeout", "ddp_hook", "powersgd_rank"},
         "aggregation": {"aggregator", "dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm", "aggregator_epochs",
                         "aggregator_inputs", "crossfit_folds", "augmented_passes", "transfer_aggregator",
-                        "aggregator_batch_size", "aggregator_lr", "local_output"},
-        "model": {"method", "backbone", "width", "local_width", "grid", "overlap", "pretrained", "init_weights",
-                  "init_weights_sha256"},
+                        "aggregator_batch_size", "aggregator_lr", "local_output", "feature_dim"},
+        "model": {"method", "backbone", "width", "local_width", "grid", "overlap", "coarse", "pretrained",
+                  "init_weights", "init_weights_sha256"},
         "device": {"device", "channels_last", "amp", "amp_dtype", "compile", "threads", "dtype"},
     }
     for group, names in expected.items():

@@ -554,6 +554,21 @@ def test_coherent_training_on_two_processes_is_the_one_process_run(tmp_path, tin
 
 
 @pytest.mark.slow
+def test_coherent_training_through_the_local_features_on_two_processes(tmp_path, tiny_run):
+    """Model parallel: the same run as on one process, the B*N*D features gathered; data parallel: DDP trains it,
+    the local CNNs' heads (which the features do not reach) frozen, not waited for."""
+    options = {"method": "coherent", "train__device": "cpu", "train__threads": 1, "train__dtype": "float64",
+               "model__local_output": "features", "model__feature_dim": 5}
+    reference = train(tiny_run(tmp_path / "one", **options))
+    run = train(tiny_run(tmp_path / "two", **options), processes=2)
+    assert_same_run(run, reference, "coherent.pt")
+    batch = run["config"]["data"]["batch_size"]
+    assert run["history"][0]["comm_bytes_per_step"] == batch * 4 * 5 * 8 == run["rows"][0]["model_parallel_bytes_per_step"]
+    data_parallel = train(tiny_run(tmp_path / "data", **options, train__parallel="data"), processes=2)
+    assert data_parallel["rows"][0]["test_accuracy"] > 0
+
+
+@pytest.mark.slow
 def test_more_processes_than_subdomains_share_batches(tmp_path, tiny_data_config):
     """1x2 grid on 3 processes: subdomain 0 on rank 0 alone, exactly as in one process; subdomain 1 on ranks 1 and
     2, each with half of every batch, averaging their gradients."""

@@ -120,3 +120,34 @@ class InPlaceScale(nn.Module):
 
 
 NOT_CALLABLE = 3
+
+
+class TimmStyle(nn.Module):
+    """timm's interface: ``forward_features`` (a feature map, or with ``flat`` the flattened features ``(B, C)``)
+    and ``forward_head``, with ``forward(x) == forward_head(forward_features(x))``; for ``--local-output features``
+    (tests/test_aggregator_inputs.py)."""
+
+    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int, flat: bool = False):
+        super().__init__()
+        self.flat = flat
+        self.conv = CONV[spatial_dims](in_channels, 6, 3, padding=1)
+        self.norm = NORM[spatial_dims](6)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.norm(self.conv(x)))
+        return features.flatten(2).mean(-1) if self.flat else features
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features if self.flat else features.flatten(2).mean(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def timm_style(in_channels: int, num_classes: int, spatial_dims: int) -> nn.Module:
+    return TimmStyle(in_channels, num_classes, spatial_dims)
+
+
+def timm_style_flat(in_channels: int, num_classes: int, spatial_dims: int) -> nn.Module:
+    return TimmStyle(in_channels, num_classes, spatial_dims, flat=True)

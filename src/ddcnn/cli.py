@@ -219,6 +219,7 @@ def cmd_aggregators(args: argparse.Namespace) -> int:
         cls = aggregator_class(name)
         kind = "trained" if cls.trainable else "fitted on val" if cls.fitted else "no training"
         print(f"{name:10s} {kind:14s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    print("\ntrained ones read --local-output; in ddcnn compare --methods also aggregator:input, e.g. dnn:features")
     return 0
 
 
@@ -241,9 +242,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.summary import parameter_report
 
-    backbones = [b for given in args.backbone or [] for b in given.split(",")]  # none: every registered one
-    print(parameter_report(backbones, args.image_size, args.in_channels, args.num_classes, args.grid, args.width,
-                           args.local_width))
+    print(parameter_report(args.backbone or [], args.image_size, args.in_channels, args.num_classes, args.grid,
+                           args.width, args.local_width, args.coarse))  # no --backbone: every registered one
     return 0
 
 
@@ -340,6 +340,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "registered or your own package.module:function (default: every registered backbone)")
     md.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1)")
     md.add_argument("--local-width", type=float, help="width multiplier of the local CNNs (default: --width)")
+    md.add_argument("--coarse", action="store_true", help="with a coarse level: its parameters and forward FLOPs too")
     md.set_defaults(func=cmd_models)
     for command in sub.choices.values():  # every command, also those added above this line
         _add_common_flags(command, default=argparse.SUPPRESS)

@@ -43,16 +43,18 @@ from .config import (
     option,
     parse_grid,
 )
+from .config.options import split_input
 from .data import DatasetSplits, load_dataset
 from .distributed import DistContext, primary_first
 from .errors import ConfigError, UnknownNameError
 from .methods import check_names
-from .models.aggregators import aggregator_class
+from .models.aggregators import aggregator_class, check_aggregator_input, list_aggregator_inputs
 from .models.pretrained import pin_init_weights
 from .phases import Experiment, MethodResult, aggregation_phase, run_coherent, run_global, run_local, run_transfer
+from .phases.local_outputs import reads
 from .plots import plot_curves, plot_method_accuracy, plot_subdomain_heatmaps
 from .run_folder import config_conflicts, run_folder_lock
-from .tables import AGGREGATORS, COMPARE_METHODS, results_markdown, summarize
+from .tables import AGGREGATORS, COMPARE_METHODS, method_order, results_markdown, summarize
 from .train.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,9 @@ class CompareConfig(SharedOptions):
     )
     methods: tuple[str, ...] = option(
         COMPARE_METHODS, group="model", help=f"methods to run, comma-separated, of: {', '.join(COMPARE_METHODS)} "
-        "(each aggregator is a method: the aggregation phase of that aggregator)",
+        "(each aggregator is a method: the aggregation phase of that aggregator). A trained aggregator with its "
+        "input, aggregator:input (dnn:logits, linear:features, attention:probabilities), is one more method, from "
+        "the same local CNNs in the same aggregation phase; a plain dnn reads --local-output",
     )
     epochs: int = option(
         4, group="training", help="base epochs: a phase without its own --<phase>-epochs trains a multiple of it "
@@ -115,9 +119,11 @@ class CompareConfig(SharedOptions):
         self.grids = tuple(format_grid(parse_grid(g)) for g in self.grids)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.methods = tuple(self.methods)
-        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
-        if unknown:
-            raise UnknownNameError("method", unknown[0], COMPARE_METHODS)
+        for m in self.methods:
+            if ":" in m:
+                check_aggregator_input(m)  # a one-line error for an unknown input, or a closed-form aggregator's
+            elif m not in COMPARE_METHODS:
+                raise UnknownNameError("method", m, [*COMPARE_METHODS, *list_aggregator_inputs()])
         if not self.grids or not self.seeds or not self.methods:
             raise ConfigError("compare needs at least one grid, one seed and one method")
         for phase in PHASE_EPOCHS:
@@ -135,10 +141,11 @@ class CompareConfig(SharedOptions):
         grids = [g for g in self.grids if g != "1x1"]
         messages = inapplicable_data_and_training(self.data, self.train)
         changed = changed_options(self)
-        if model.overlap and not (grids and methods - {"global"}):
-            messages.append("--overlap has no effect: no method of this comparison decomposes the images")
+        messages += [f"--{name} has no effect: no method of this comparison decomposes the images"
+                     for name in ("overlap", "coarse") if getattr(model, name) and not (grids and methods - {"global"})]
         coherent = methods & {"coherent", "transfer"}
-        trained = [a for a in AGGREGATORS if a in methods and aggregator_class(a).trainable]
+        trained = [a for a in AGGREGATORS if a in methods and aggregator_class(a).trainable]  # read --local-output
+        variants = [m for m in methods if ":" in m]  # trained aggregators that read the input they name
         if self.transfer_aggregator and "transfer" not in methods:
             messages.append("--transfer-aggregator has no effect: --methods has no transfer")
         elif self.transfer_aggregator and aggregator_class(model.aggregator).trainable:
@@ -146,14 +153,20 @@ class CompareConfig(SharedOptions):
         if "aggregator" in changed and not coherent:
             messages.append("--aggregator has no effect: it is the aggregator of coherent and transfer, and --methods "
                             "has neither (the aggregation phase runs the aggregators in --methods)")
-        if not ("dnn" in methods or (coherent and model.aggregator == "dnn")):
+        if not ("dnn" in methods or any(m.startswith("dnn:") for m in variants) or (coherent and model.aggregator == "dnn")):
             messages += [f"--{n.replace('_', '-')} has no effect: no method of this comparison has a dnn aggregator"
                          for n in ("dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm") if n in changed]
-        if "local_output" in changed and not (trained or (coherent and aggregator_class(model.aggregator).trainable)):
+        coherent_reads = coherent and aggregator_class(model.aggregator).trainable  # coherent's reads --local-output
+        if "local_output" in changed and not (trained or coherent_reads):
             messages.append("--local-output has no effect: no method of this comparison has a trained aggregator "
-                            "(dnn, linear or attention), the only ones that read logits")
-        messages += inapplicable_aggregation(self, changed, bool(trained), "no method of this comparison trains an "
-                                             "aggregator on local probabilities", self.data.augment)
+                            "that reads it (a plain dnn, linear or attention; dnn:logits reads the logits anyway)")
+        features = (model.local_output == "features" and (trained or coherent_reads)) or any(
+            m.endswith(":features") for m in variants)
+        if "feature_dim" in changed and not features:
+            messages.append("--feature-dim has no effect: no method of this comparison reads the local CNNs' "
+                            "features (--local-output features, or a method such as dnn:features)")
+        messages += inapplicable_aggregation(self, changed, bool(trained or variants), "no method of this comparison "
+                                             "trains an aggregator on local probabilities", self.data.augment)
         for phase, needs in {"global": methods & {"global"}, "coherent": coherent}.items():
             if getattr(self, f"{phase}_epochs") is not None and not needs:
                 messages.append(f"--{phase}-epochs has no effect: --methods has no {phase}")
@@ -193,6 +206,8 @@ def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
     train = result.extra.get("train_subdomain_accuracy") or [None] * n
     balanced = result.test.extra.get("subdomain_balanced_accuracy") or [None] * n
     auc = result.test.extra.get("subdomain_auc") or [None] * n
+    costs = {k: v for k, v in result.extra.items() if k in ("flops_per_image", "coarse_parameters", "coarse_flops")}
+    coarse = n - 1 if "coarse_flops" in costs else None  # the coarse level is the last local CNN (--coarse)
     return [
         {
             "method": "local",
@@ -213,6 +228,8 @@ def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
             "ensemble_test_auc": result.test.auc,
             "model_parallel_bytes_per_step": result.extra["model_parallel_bytes_per_step"],
             "data_parallel_bytes_per_step": result.extra["data_parallel_bytes_per_step"],
+            **costs,
+            **({"coarse": True} if i == coarse else {}),
         }
         for i in range(n)
     ]
@@ -274,7 +291,7 @@ def _compare(
         with primary_first(dist):
             data = load_dataset(cc.data)
     methods = set(cc.methods)
-    aggregators = [a for a in AGGREGATORS if a in methods]
+    aggregators = [m for m in method_order(methods) if split_input(m)[0] in AGGREGATORS]  # dnn:logits after dnn
     if "transfer" in methods and cc.transfer_aggregator and cc.model.aggregator not in aggregators:
         aggregators.append(cc.model.aggregator)  # transfer starts from it (its row is left out)
     grids = [g for g in cc.grids if g != "1x1"]
@@ -295,6 +312,11 @@ def _compare(
             if seed == cc.seeds[0] and result.history:
                 histories[result.grid][result.method] = result.history
 
+    features = cc.model.local_output == "features" or any(m.endswith(":features") for m in methods)
+    for grid in grids if features else ():  # before anything trains
+        folder = out / grid / f"seed{cc.seeds[0]}"
+        exp = Experiment.from_config(_run_config(cc, grid, cc.seeds[0], folder, 1, True), data=data, dist=dist)
+        _check_feature_dim(exp, aggregators, methods)
     for seed in cc.seeds:
         if "global" in methods:
             record([run_global(phase("1x1", seed, "global CNN", cc.phase_epochs("global")))], seed)
@@ -314,6 +336,17 @@ def _compare(
         markdown = _write_results(rows, histories, cc, data, out, dist)
     log.info("results in %s", out)
     return CompareResult(rows, markdown, out)
+
+
+def _check_feature_dim(exp: Experiment, aggregators: Sequence[str], methods: set[str]) -> None:
+    """Refuse a ``--feature-dim`` above the local CNNs' channels before any phase trains (the aggregators and those
+    of coherent and transfer that read features)."""
+    names = [*aggregators, *([exp.cfg.model.aggregator] if methods & {"coherent", "transfer"} else [])]
+    decomposition = exp.decomposition()
+    for name in names:
+        if reads(exp, name) == "features":
+            exp.aggregator_options(name, decomposition)
+            return
 
 
 def _write_results(
@@ -357,6 +390,7 @@ def _plots(rows: Sequence[dict[str, Any]], histories: dict[str, dict[str, list[d
     heatmaps = {}
     for grid in sorted({g for g, _ in per_subdomain}, key=grid_order):
         n = math.prod(parse_grid(grid))
+        n += (grid, n) in per_subdomain  # the coarse level's, which the heatmap names
         heatmaps[grid] = (parse_grid(grid), [statistics.mean(per_subdomain[grid, i]) for i in range(n)])
     if heatmaps:
         plot_subdomain_heatmaps(heatmaps, out / "subdomains.png")

@@ -13,8 +13,18 @@ cross the image border (so nothing outside the image is ever read, and border wi
 their one neighbour). Every window contains its whole core, so :meth:`Decomposition.merge` recovers the image
 exactly from the subimages.
 
-Refused with a :class:`~ddcnn.errors.DecompositionError`: more subdomains than pixels along an axis, and an
-overlap wider than a core (``delta > floor(L / n)``).
+With ``coarse``, the decomposition has a *coarse level*, a two-level CNN-DNN as in two-level domain decomposition:
+one more subdomain, index ``N = prod(grid)`` after the grid's, whose subimage is the whole image downsampled by area
+averaging to the subimage shape (``adaptive_avg_pool``, which takes any output size; its factor is the grid's,
+``L / s`` per axis). A local CNN sees a ``1/N`` of the image and nothing of the rest; the coarse CNN sees all of it
+at ``1/N`` of the pixels, which is what a coarse space supplies in domain decomposition: the global information the
+subdomains lack. Because its subimage has the subimage shape it is simply one more copy of the local CNNs (it needs
+no communication, trains in the local phase, and everything that handles N local CNNs handles it), so it is a
+subdomain here and not a separate network. Only :meth:`split` and :attr:`num_subdomains` count it: the windows, the
+cores, :meth:`merge` and the grid coordinates are the grid's (:attr:`num_grid_subdomains`).
+
+Refused with a :class:`~ddcnn.errors.DecompositionError`: more subdomains than pixels along an axis, an overlap
+wider than a core (``delta > floor(L / n)``), and a coarse level on a ``1x1`` grid (where it would be the image again).
 
 This module imports nothing from ``torch.distributed``.
 """
@@ -27,6 +37,7 @@ from functools import cached_property
 from itertools import product
 
 import torch
+import torch.nn.functional as F
 
 from .config import format_grid, parse_grid
 from .errors import DecompositionError
@@ -55,12 +66,14 @@ class Decomposition:
     """A grid of subdomains over images of one spatial shape.
 
     ``split`` maps a batch ``(B, C, *image_shape)`` to subimages ``(B, N, C, *subimage_shape)`` in row-major
-    subdomain order (the last grid axis fastest); ``merge`` is its inverse on the cores.
+    subdomain order (the last grid axis fastest), with ``coarse`` the downsampled whole image last; ``merge`` is
+    its inverse on the cores.
     """
 
     grid: tuple[int, ...]
     image_shape: tuple[int, ...]
     overlap: int = 0
+    coarse: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", parse_grid(self.grid))
@@ -71,11 +84,27 @@ class Decomposition:
                 f"{len(self.image_shape)} spatial axes {self.image_shape}; use a "
                 f"{'2x2x2-style' if len(self.image_shape) == 3 else '2x2-style'} grid"
             )
-        self._axes  # validate every axis now, not at the first split
+        object.__setattr__(self, "coarse", bool(self.coarse))
+        if self.coarse and self.num_grid_subdomains == 1:
+            raise DecompositionError(
+                "a coarse level on a 1x1 grid would see the whole image again; use a finer grid, or no coarse level"
+            )
+        _ = self._axes  # validate every axis now, not at the first split
 
     @property
     def num_subdomains(self) -> int:
+        """The subdomains: the grid's, and the coarse one."""
+        return self.num_grid_subdomains + self.coarse
+
+    @property
+    def num_grid_subdomains(self) -> int:
+        """The subdomains of the grid (without the coarse one): those with a window, a core and a grid position."""
         return math.prod(self.grid)
+
+    @property
+    def coarse_index(self) -> int | None:
+        """The subdomain index of the coarse level (the last one), or None without it."""
+        return self.num_grid_subdomains if self.coarse else None
 
     @property
     def spatial_dims(self) -> int:
@@ -117,10 +146,23 @@ class Decomposition:
         advanced-indexing gather (benchmarks/README.md), differentiable, and never a copy of more than the batch.
         """
         self._check(x)
-        return torch.stack([x[(slice(None), slice(None), *window)] for window in self._windows], 1)
+        subimages = [x[(slice(None), slice(None), *window)] for window in self._windows]
+        return torch.stack(subimages + ([self.coarse_subimage(x)] if self.coarse else []), 1)
+
+    def coarse_subimage(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *image_shape)`` -> ``(B, C, *subimage_shape)``: the whole images averaged over areas down to the
+        subimage shape, the coarse level's subimage (in ``x``'s dtype; a loader of a process's own subimages calls
+        this very function on the same images, so that both agree bit for bit)."""
+        if not x.is_floating_point():
+            raise DecompositionError(
+                f"the coarse level averages pixels, which {x.dtype} images cannot hold; split floating-point images"
+            )
+        pool = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
+        return pool(x, self.subimage_shape)
 
     def merge(self, subimages: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`split`: ``(B, N, C, *subimage_shape)`` -> ``(B, C, *image_shape)`` from the cores."""
+        """Inverse of :meth:`split`: ``(B, N, C, *subimage_shape)`` -> ``(B, C, *image_shape)`` from the grid
+        subdomains' cores (the coarse subimage, if any, is not read)."""
         if subimages.dim() != 3 + self.spatial_dims or subimages.shape[1] != self.num_subdomains:
             raise DecompositionError(
                 f"expected subimages of shape (B, {self.num_subdomains}, C, "
@@ -134,11 +176,21 @@ class Decomposition:
         return out
 
     def subdomain_coordinates(self) -> list[tuple[int, ...]]:
-        """Grid position of each subdomain, in subdomain order (for heatmaps and logs)."""
+        """Grid position of each grid subdomain, in subdomain order (for heatmaps and logs; the coarse one, if any,
+        has none and follows them)."""
         return list(product(*(range(n) for n in self.grid)))
 
+    def subdomain_name(self, index: int) -> str:
+        """How logs and tables name subdomain ``index``: its number, or ``coarse``."""
+        return "coarse" if index == self.coarse_index else str(index)
+
     def __str__(self) -> str:
+        coarse = f" + the coarse level (the whole image averaged down to {self._shape(self.subimage_shape)})"
         return (
-            f"{format_grid(self.grid)} grid over {'x'.join(map(str, self.image_shape))} images, overlap "
-            f"{self.overlap}: {self.num_subdomains} subimages of {'x'.join(map(str, self.subimage_shape))}"
+            f"{format_grid(self.grid)} grid over {self._shape(self.image_shape)} images, overlap {self.overlap}: "
+            f"{self.num_grid_subdomains} subimages of {self._shape(self.subimage_shape)}{coarse if self.coarse else ''}"
         )
+
+    @staticmethod
+    def _shape(shape: tuple[int, ...]) -> str:
+        return "x".join(map(str, shape))

@@ -129,8 +129,9 @@ def export_safetensors(classifier: Classifier, out: Path) -> None:
 
 def export_local_cnns(classifier: Classifier, folder: Path) -> list[Path]:
     """Each local CNN as a standalone network's state dict, ``local_cnn_<i>.safetensors`` in ``folder`` (under
-    torchvision's names for the built-in ImageNet backbones), with the spec, the subdomain's index and grid position,
-    the subimage shape and the key names as metadata; and a CNN-DNN's aggregator."""
+    torchvision's names for the built-in ImageNet backbones), with the spec, the subdomain's index and grid position
+    (``null`` for the coarse level, which reads the whole image averaged down to the subimage shape: its ``input``
+    says so), the subimage shape and the key names as metadata; and a CNN-DNN's aggregator."""
     st = _safetensors()
     model = classifier.model
     local_cnns: LocalCNNs = model.local_cnns if isinstance(model, CNNDNN) else model
@@ -140,8 +141,11 @@ def export_local_cnns(classifier: Classifier, folder: Path) -> list[Path]:
     pairs = key_pairs(local_cnns.net) if torchvision else None
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, position in enumerate(d.subdomain_coordinates()):
-        metadata = {SPEC_KEY: spec, "format": "pt", "subdomain": str(i), "position": json.dumps(list(position)),
+    positions: list[tuple[int, ...] | None] = [*d.subdomain_coordinates(), *([None] if d.coarse else [])]
+    for i, position in enumerate(positions):
+        metadata = {SPEC_KEY: spec, "format": "pt", "subdomain": str(i),
+                    "position": json.dumps(None if position is None else list(position)),
+                    "input": "window" if position is not None else "coarse: the whole image, area-averaged",
                     "subimage_shape": json.dumps(list(d.subimage_shape)),
                     "key_names": "torchvision" if torchvision else "ddcnn"}
         tensors = _tensors(local_cnns.local_cnn(i))

@@ -31,7 +31,7 @@ from .data import list_datasets
 from .data.registry import parse_spec
 from .distributed import DistContext
 from .errors import UnknownNameError
-from .models.aggregators import aggregator_class, list_dnn_activations
+from .models.aggregators import aggregator_class, check_aggregator_input, list_dnn_activations
 from .models.factory import check_backbone
 from .models.pretrained import pin_init_weights
 from .phases import (
@@ -71,8 +71,9 @@ def check_names(cfg: RunConfig | Any, aggregators: Sequence[str] = ()) -> None:
     if dataset not in list_datasets():
         raise UnknownNameError("dataset", dataset, list_datasets())
     check_backbone(cfg.model.backbone, (cfg.model.width, cfg.model.local_width))
-    for name in (cfg.model.aggregator, *aggregators):
-        aggregator_class(name)
+    aggregator_class(cfg.model.aggregator)
+    for name in aggregators:  # methods of ddcnn compare: dnn, or a trained aggregator with its input, dnn:logits
+        check_aggregator_input(name)
     if cfg.model.dnn_activation not in list_dnn_activations():
         raise UnknownNameError("DNN activation", cfg.model.dnn_activation, list_dnn_activations())
 
@@ -101,6 +102,8 @@ def run(cfg: RunConfig, dist: DistContext | None = None, callbacks: Sequence[Cal
         if cfg.resume:
             check_resume_folder(cfg)
         exp = Experiment.from_config(cfg, dist=dist, callbacks=callbacks)
+        if cfg.method in ("aggregation", "coherent", "transfer"):  # before anything trains: --feature-dim at most C
+            exp.aggregator_options(cfg.model.aggregator, exp.decomposition())
         if exp.dist.is_primary:
             write_config(cfg, exp.run_dir)
         result = METHODS[cfg.method](exp)

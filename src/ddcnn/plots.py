@@ -124,10 +124,14 @@ def plot_subdomain_heatmaps(
     title: str = "test accuracy of each local CNN",
 ) -> Path:
     """Per-subdomain accuracies laid out as their grids: ``accuracies[label] = (grid, values in subdomain order)``
-    (row-major, last grid axis fastest, as :class:`~ddcnn.decomposition.Decomposition` orders them). A 3D grid
-    gets one panel per slice along its first axis."""
+    (row-major, last grid axis fastest, as :class:`~ddcnn.decomposition.Decomposition` orders them), and after them
+    the coarse level's, if any, which has no place on the grid: its panels' titles give it. A 3D grid gets one panel
+    per slice along its first axis."""
     panels: list[tuple[str, Any]] = []
     for label, (grid, values) in accuracies.items():
+        values = list(values)
+        if len(values) == math.prod(grid) + 1:  # the coarse level's, last
+            label = f"{label}, coarse {values.pop():.2f}"
         array = np.asarray(values, dtype=float).reshape(grid)
         if array.ndim == 3:
             panels += [(f"{label}, slice {k}", array[k]) for k in range(array.shape[0])]

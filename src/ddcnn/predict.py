@@ -55,7 +55,8 @@ class Prediction:
     path: str
     prediction: Vote
     subdomain_votes: list[Vote] = field(default_factory=list)  # in subdomain order; empty for a global CNN
-    subdomain_positions: list[tuple[int, ...]] = field(default_factory=list)  # grid position of each subdomain
+    # grid position of each subdomain; None for the coarse level (the whole image downsampled), which has none
+    subdomain_positions: list[tuple[int, ...] | None] = field(default_factory=list)
     top: list[Vote] = field(default_factory=list)  # the most probable classes, most probable first
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +66,11 @@ class Prediction:
             **self.prediction.to_dict(),
             "top_k": [v.to_dict() for v in self.top],
             "subdomains": [
-                {"subdomain": i, "position": list(position), **v.to_dict()}
+                {
+                    "subdomain": "coarse" if position is None else i,
+                    "position": None if position is None else list(position),
+                    **v.to_dict(),
+                }
                 for i, (v, position) in enumerate(zip(self.subdomain_votes, self.subdomain_positions))
             ],
         }
@@ -157,7 +162,9 @@ def iter_predictions(
     model = checkpoint if isinstance(checkpoint, Classifier) else load(checkpoint, device=device)
     spec, names = model.spec, model.class_names
     torch_device = next(model.buffers()).device
-    positions = spec.decomposition().subdomain_coordinates() if model.num_subdomains > 1 else []
+    decomposition = spec.decomposition()
+    coarse: list[tuple[int, ...] | None] = [None] if decomposition.coarse else []  # the coarse level votes last
+    positions = [*decomposition.subdomain_coordinates(), *coarse] if model.num_subdomains > 1 else []
     k = min(top_k, spec.num_classes)
 
     def vote(p: torch.Tensor, index: int | None = None) -> Vote:
@@ -196,8 +203,8 @@ def format_prediction(p: Prediction) -> str:
     """One line for the image, then one indented line per subdomain vote."""
     lines = [f"{p.path}: {p.prediction.class_name} (probability {p.prediction.probability:.3f})"]
     for i, (v, position) in enumerate(zip(p.subdomain_votes, p.subdomain_positions)):
-        where = ", ".join(str(c) for c in position)
-        lines.append(f"  subdomain {i} at ({where}): {v.class_name} (probability {v.probability:.3f})")
+        where = f"subdomain {i} at ({', '.join(map(str, position))})" if position else "coarse level (the whole image)"
+        lines.append(f"  {where}: {v.class_name} (probability {v.probability:.3f})")
     return "\n".join(lines)
 
 

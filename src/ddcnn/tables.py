@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .config import grid_order, parse_grid
+from .config.options import LOCAL_OUTPUTS, split_input
 from .models.aggregators import list_aggregators
 from .train.logs import format_bytes
 
@@ -28,6 +29,21 @@ COMPARE_METHODS = ("global", "local", *AGGREGATORS, "coherent", "transfer")
 # AdrenalMNIST3D), but 1/K in balanced accuracy and 0.5 in AUC. Balanced data sets (CIFAR-10 1.0, MNIST 1.24,
 # tf_flowers 1.42) keep the one accuracy table.
 IMBALANCE_RATIO = 1.5
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """``methods`` in the order of the tables' rows: that of :data:`COMPARE_METHODS`, each aggregator with an input
+    (``dnn:logits``) right after its plain aggregator, in the order of the inputs (probabilities, logits, features);
+    names of neither kind last, as they come."""
+
+    def key(method: str) -> tuple[int, int]:
+        base, reads = split_input(method)
+        if base not in COMPARE_METHODS:
+            return len(COMPARE_METHODS), 0
+        return COMPARE_METHODS.index(base), 0 if reads is None else 1 + (
+            LOCAL_OUTPUTS.index(reads) if reads in LOCAL_OUTPUTS else len(LOCAL_OUTPUTS))
+
+    return sorted(dict.fromkeys(methods), key=key)
 
 
 def mean_std_cell(values: Sequence[float], fmt: str = "{:.4f}") -> str:
@@ -51,10 +67,11 @@ def methods_by_grids(values: dict[str, dict[str, list[float]]], label: str = "me
 
 
 def per_seed(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dict[tuple[str, str], dict[int, float]]:
-    """``{(method, grid): {seed: value}}``; for ``local``, each seed's mean over the subdomains."""
+    """``{(method, grid): {seed: value}}``; for ``local``, each seed's mean over the grid's subdomains (the coarse
+    level's row, ``--coarse``, apart: so that ``local`` means the same with and without it)."""
     values: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for row in rows:
-        if row.get(key) is not None:
+        if row.get(key) is not None and not row.get("coarse"):
             values[row["method"], row["grid"], row["seed"]].append(float(row[key]))
     out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for (method, grid, seed), seed_values in values.items():
@@ -67,7 +84,7 @@ def summarize(rows: Sequence[dict[str, Any]], key: str = "test_accuracy") -> dic
     out: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for (method, grid), seeds in per_seed(rows, key).items():
         out[method][grid] = list(seeds.values())
-    return {m: out[m] for m in COMPARE_METHODS if m in out}
+    return {m: out[m] for m in method_order(out) if split_input(m)[0] in COMPARE_METHODS}
 
 
 _NOTES = {
@@ -123,7 +140,7 @@ def results_markdown(
         f"backbone {cc.model.backbone} (width {cc.model.width}{local_width}), epochs: global "
         f"{cc.phase_epochs('global')}, local {cc.phase_epochs('local')}, aggregators "
         f"{cc.phase_epochs('aggregator')}, coherent and transfer {cc.phase_epochs('coherent')}; aggregator inputs: "
-        f"{cc.aggregator_inputs}, the local {cc.model.local_output}{balancing}.",
+        f"{cc.aggregator_inputs}, the local {_reads(cc)}{balancing}.",
         "",
         *methods_by_grids(accuracy),
         "",
@@ -148,7 +165,8 @@ def results_markdown(
         for grid in sorted(cells, key=grid_order):
             params = int(cells[grid][0])
             if method == "local":
-                params_text = f"{math.prod(parse_grid(grid))} x {params:,}"
+                coarse = f" + coarse {params:,}" if cc.model.coarse else ""  # --coarse: one more local CNN
+                params_text = f"{math.prod(parse_grid(grid))} x {params:,}{coarse}"
             else:
                 params_text = f"{params:,}"
             lines.append(
@@ -174,6 +192,15 @@ def results_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _reads(cc: CompareConfig) -> str:
+    """What the trained aggregators without an input of their own read, in words (``--local-output``); an
+    aggregator with one (``dnn:features``) says it in its row's name."""
+    if cc.model.local_output != "features":
+        return cc.model.local_output
+    dim = "all channels" if cc.model.feature_dim is None else f"{cc.model.feature_dim} a subdomain"
+    return f"pooled features ({dim})"
 
 
 def _bytes_cell(values: dict[str, dict[str, list[float]]], method: str, grid: str) -> str:

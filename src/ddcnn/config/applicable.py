@@ -34,6 +34,9 @@ def inapplicable_options(cfg: RunConfig) -> list[str]:
             messages.append("--overlap has no effect with --method global: the global CNN sees whole images")
     elif model.overlap and math.prod(cfg.model.grid) == 1:
         messages.append(f"--overlap has no effect on the grid {grid}: its one subdomain is the whole image")
+    if model.coarse and (method == "global" or math.prod(cfg.model.grid) == 1):
+        messages.append(f"--coarse has no effect on the global CNN (--method global, or the grid {grid}): a coarse "
+                        "level supplies the whole image to the subdomains of a finer grid")
     if model.local_width is not None and (method == "global" or math.prod(cfg.model.grid) == 1):
         messages.append("--local-width has no effect on the global CNN (--method global, or a 1x1 grid): it keeps "
                         "--width")
@@ -43,13 +46,18 @@ def inapplicable_options(cfg: RunConfig) -> list[str]:
     uses_aggregator = method in ("aggregation", "coherent", "transfer")
     if not uses_aggregator:
         messages += [f"--{_flag(name)} has no effect with --method {method}, which has no aggregator"
-                     for name in sorted(changed) if name in (*_AGGREGATOR_OPTIONS, "local_output")]
+                     for name in sorted(changed) if name in (*_AGGREGATOR_OPTIONS, "local_output", "feature_dim")]
     elif model.aggregator != "dnn":
         messages += [f"--{_flag(name)} has no effect with --aggregator {model.aggregator}: it is an option of the "
                      "dnn aggregator" for name in sorted(changed) if name in _AGGREGATOR_OPTIONS[1:]]
     if uses_aggregator and "local_output" in changed and not _aggregator_is_trained(model.aggregator):
         messages.append(f"--local-output has no effect with --aggregator {model.aggregator}: it combines the local "
-                        "probabilities (the trained aggregators dnn, linear and attention read logits)")
+                        "probabilities (the trained aggregators dnn, linear and attention read logits or features)")
+    if uses_aggregator and "feature_dim" in changed and (model.local_output != "features"
+                                                         or not _aggregator_is_trained(model.aggregator)):
+        messages.append(f"--feature-dim has no effect with --aggregator {model.aggregator} and --local-output "
+                        f"{model.local_output}: it is the size of the local features that --local-output features "
+                        "hands a trained aggregator")
     if cfg.transfer_aggregator and method != "transfer":
         messages.append(f"--transfer-aggregator has no effect with --method {method}: only transfer starts from an "
                         "aggregation phase")

@@ -17,7 +17,9 @@ DDP_HOOKS = ("none", "fp16", "powersgd")  # --ddp-hook: ddcnn.distributed.ddp
 DTYPES = ("float32", "float64")
 AMP_DTYPES = ("bfloat16", "float16")
 AGGREGATOR_INPUTS = ("train", "crossfit", "val", "augmented")
-LOCAL_OUTPUTS = ("probabilities", "logits")  # --local-output: what a trained aggregator reads
+# --local-output: what a trained aggregator reads of the local CNNs (ddcnn.models.aggregators)
+LOCAL_OUTPUTS = ("probabilities", "logits", "features")
+INPUT_SEPARATOR = ":"  # `dnn:logits` in ddcnn compare --methods: a trained aggregator with the input it reads
 NORMALIZATIONS = ("data", "imagenet")  # --normalize: the training split's statistics, or ImageNet's
 CLASS_WEIGHTS = ("none", "balanced")  # --class-weights: ddcnn.train.evaluation.balanced_class_weights
 SAMPLERS = ("uniform", "balanced")  # --sampler: ddcnn.data.sampling
@@ -38,6 +40,20 @@ def parse_grid(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     if len(parts) not in (2, 3) or any(p < 1 for p in parts):
         raise ConfigError(f"grid {text!r} must have 2 (image) or 3 (volume) positive entries, e.g. 2x2 or 2x2x2")
     return tuple(parts)
+
+
+def split_input(method: str) -> tuple[str, str | None]:
+    """``"dnn:logits"`` -> ``("dnn", "logits")``; ``"dnn"`` -> ``("dnn", None)`` (it reads ``--local-output``). The
+    names are not checked here (:func:`ddcnn.models.aggregators.check_aggregator_input` does)."""
+    base, separator, reads = method.partition(INPUT_SEPARATOR)
+    return base, (reads if separator else None)
+
+
+def method_file_stem(method: str) -> str:
+    """The stem of a method's files in its run folder (``<stem>.pt``, ``<stem>_log.csv``): the method's name, with
+    ``-`` for the ``:`` of an aggregator's input (``dnn:logits`` -> ``dnn-logits``), a character Windows refuses in
+    file names and macOS shows as ``/``."""
+    return method.replace(INPUT_SEPARATOR, "-")
 
 
 def check(condition: bool, key: str, value: Any, requirement: str) -> None:

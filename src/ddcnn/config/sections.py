@@ -56,6 +56,11 @@ class ModelConfig:
     overlap: int = option(
         0, group="model", help="delta: pixels each subdomain reaches into its neighbours (clipped at the image border)"
     )
+    coarse: bool = option(
+        False, group="model", help="a coarse level (a two-level CNN-DNN): one more local CNN, on the whole image "
+        "averaged down to the subimage shape (by the grid's factor), trained in the local phase like the others and "
+        "read by the aggregator with them; for local, aggregation, coherent and transfer on a grid finer than 1x1",
+    )
     aggregator: str = option(
         "dnn", group="aggregation", help="how the local CNNs' probabilities become one prediction, for aggregation, "
         "coherent and transfer (`ddcnn aggregators` lists them; dnn: the papers' DNN)",
@@ -72,7 +77,13 @@ class ModelConfig:
     )
     dnn_batchnorm: bool = option(True, group="aggregation", help="batch norm in the dnn aggregator's hidden layers")
     local_output: str = option("probabilities", group="aggregation", choices=LOCAL_OUTPUTS, help="what of the local "
-                               "CNNs the trained aggregators (dnn, linear, attention) read: probabilities or logits")
+                               "CNNs the trained aggregators (dnn, linear, attention) read: probabilities, logits, or "
+                               "features (each local CNN's pooled features, --feature-dim numbers)")
+    feature_dim: int | None = option(
+        None, group="aggregation", help="with --local-output features: the numbers per subdomain, D. A local CNN's "
+        "last feature map (the one its head reads) is averaged over its spatial axes to its C channels, then C to "
+        "D by averaging adjacent channels (adaptive average pooling); no parameters. At most C; unset: all C",
+    )
     init_weights: str | None = option(
         None, group="model", help="a file of pretrained weights that the global CNN and every local CNN start from "
         "instead of at random: a torchvision or timm state dict (.safetensors, or .pt/.pth read with weights_only) "
@@ -94,6 +105,7 @@ class ModelConfig:
         check(self.overlap >= 0, "overlap", self.overlap, "0 or more pixels")
         check(all(h >= 1 for h in self.dnn_hidden), "dnn_hidden", self.dnn_hidden, "positive layer sizes")
         check(0 <= self.dnn_dropout < 1, "dnn_dropout", self.dnn_dropout, "in [0, 1)")
+        check(self.feature_dim is None or self.feature_dim >= 1, "feature_dim", self.feature_dim, "at least 1, or unset")
         check_choices(self)
         if self.init_weights_sha256 is not None:
             self.init_weights_sha256 = str(self.init_weights_sha256).strip().lower()

@@ -20,7 +20,8 @@ run on the device for the whole batch at once:
 A loader of a process's own subimages (``subimages=``, the model-parallel local phase) yields, bit for bit, what the
 decomposition would cut from those batches for its subdomains, but holds on the device only the regions of the
 images those subimages (and their augmentation) read, cut once, and gathers the subimages from them by the same
-coordinates (:mod:`ddcnn.data.subimages`).
+coordinates (:mod:`ddcnn.data.subimages`). The coarse level's subimage it averages from the normalised whole images,
+in ``dtype`` (the model's), as the model would average them itself.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def make_loader(
     drop_last: bool | None = None,
     sampler: str = "uniform",
     subimages: tuple[Decomposition, Sequence[int]] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> BatchLoader:
     """A loader over ``split``: shuffled, augmented (if ``cfg.augment``) and without the last partial batch (unless
     ``drop_last=False``) when ``train``; in fixed order, unaugmented and complete otherwise.
@@ -68,7 +70,8 @@ def make_loader(
     ``subimages=(decomposition, subdomains)``: yield only the subimages of those subdomains, ``(B, S, C,
     *subimage_shape)``, exactly as the whole images' batches cut by ``decomposition`` (a process's share of the local
     CNNs in the model-parallel local phase); the loader then holds and augments only those
-    (:mod:`ddcnn.data.subimages`).
+    (:mod:`ddcnn.data.subimages`). ``dtype``: the floating-point type of the model, in which the subimages of a
+    share that holds the coarse level come (it averages the whole images in it, as the model would).
     """
     return BatchLoader(
         split,
@@ -86,6 +89,7 @@ def make_loader(
         num_workers=cfg.num_workers,
         sampler=sampler,
         subimages=subimages,
+        dtype=dtype,
     )
 
 
@@ -117,6 +121,7 @@ class BatchLoader:
         num_workers: int,
         sampler: str = "uniform",
         subimages: tuple[Decomposition, Sequence[int]] | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
         rank, world = shard
         channels, *spatial = split.images.shape[1:]
@@ -151,12 +156,12 @@ class BatchLoader:
             )
         self.num_samples = (shard_size // batch_size) * batch_size if drop_last else shard_size  # per epoch
         self.own = None if subimages is None else _own_subimages(subimages, spatial, self.crop_padding, self.flip)
-        view = (1,) * (self.own is not None) + (1, channels) + (1,) * len(spatial)
+        self.dtype = dtype  # of the coarse level's subimages, averaged as the model would average them
         std_t = torch.tensor(std, dtype=torch.float32)
         levels = stored_levels(split.images)
         self._offset = float(OFFSET_16) if levels == 65535 else 0.0  # the int16 device form of uint16 levels
-        self._scale = (1.0 / (float(levels) * std_t)).view(view).to(device)
-        self._shift = (torch.tensor(mean, dtype=torch.float32) / std_t).view(view).to(device)
+        self._scale = (1.0 / (float(levels) * std_t)).to(device)  # per channel
+        self._shift = (torch.tensor(mean, dtype=torch.float32) / std_t).to(device)
         self._streamed = isinstance(split.images, np.ndarray)
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,10 +173,20 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._epoch_indices()
         augmentation = self._draw_augmentation(len(indices)) if self.augment else None
-        read = self._read_images if self.own is None else self._read_subimages
-        for x, y in read(indices, augmentation):
-            x = x.float().add_(self._offset) if self._offset else x.float()
-            yield x.mul_(self._scale).sub_(self._shift), y
+        if self.own is None:
+            for x, y in self._read_images(indices, augmentation):
+                yield self._normalise(x), y
+            return
+        for grid, whole, y in self._read_subimages(indices, augmentation):
+            average = self.own.decomposition.coarse_subimage
+            coarse = None if whole is None else average(self._normalise(whole).to(self.dtype))
+            yield self.own.combine(self._normalise(grid), coarse), y
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored levels ``(B, [S,] C, *spatial)`` as float32 ``(level / levels - mean) / std``, channel by channel."""
+        view = (-1,) + (1,) * (self.split.images.ndim - 2)  # (C, 1, ...): broadcast over the leading axes
+        x = x.float().add_(self._offset) if self._offset else x.float()
+        return x.mul_(self._scale.view(view)).sub_(self._shift.view(view))
 
     def _batch_augmentation(
         self, augmentation: tuple[torch.Tensor, torch.Tensor] | None, batch: int, size: int
@@ -192,11 +207,12 @@ class BatchLoader:
 
     def _read_subimages(
         self, indices: torch.Tensor, augmentation: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches of this process's subimages (stored levels), gathered, shifted and flipped as
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """The epoch's batches of this process's grid subimages (stored levels), gathered, shifted and flipped as
         :meth:`_read_images` then the decomposition would make them, from the regions that hold them (held on the
         device once, or read batch by batch from a streamed split) or from the whole images where those are held
-        anyway: on the CPU, where the images are their own device copy, or where the regions would hold more."""
+        anyway: on the CPU, where the images are their own device copy, or where the regions would hold more (the
+        coarse level's process: then also the augmented whole images it averages, else None)."""
         own = self.own
         assert own is not None
         if self._streamed:
@@ -215,7 +231,8 @@ class BatchLoader:
             batches = ((source, rows, labels[rows]) for rows in indices.to(self.device).split(self.batch_size))
         for i, (source, rows, y) in enumerate(batches):
             shifts, flips = self._batch_augmentation(augmentation, i, len(y))
-            yield own.extract(source, rows, shifts, flips), y
+            whole = own.augmented(source, rows, shifts, flips) if own.holds_coarse else None
+            yield own.extract(source, rows, shifts, flips), whole, y
 
     def _epoch_indices(self) -> torch.Tensor:
         """This rank's sample indices for the epoch, in batch order (CPU int64)."""

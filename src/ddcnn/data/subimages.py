@@ -23,6 +23,15 @@ mirrors already; one that holds a single subdomain holds two regions.
 ``decomposition.split(crop_and_flip(x, shifts, flips, p))[:, subdomains]``. It gathers alike from the whole images
 (:meth:`OwnSubimages.whole`, one region at the origin), which is how a process reads them where they are held
 anyway (on the CPU) or where the regions would hold more than the images (wide overlaps).
+
+The coarse level (a decomposition with ``coarse``, :mod:`ddcnn.decomposition`) is the subdomain whose subimage is
+the whole image averaged down to the subimage shape, so it reads every pixel: a process that holds it holds the
+whole images, as one process does (:attr:`OwnSubimages.holds_less` is False; the memory of the others is unchanged),
+and gathers its grid subimages from them. Averaging needs the normalised floating-point image, so the coarse
+subimage is made in two steps: :meth:`OwnSubimages.augmented` gathers the augmented whole images (stored levels,
+bit for bit ``crop_and_flip(x, shifts, flips, p)``), the loader normalises them as it normalises whole images and
+averages them by :meth:`~ddcnn.decomposition.Decomposition.coarse_subimage` in the model's floating-point type, the
+very operation the model would apply to the whole images; :meth:`OwnSubimages.combine` puts it among the others.
 """
 
 from __future__ import annotations
@@ -53,7 +62,8 @@ class Regions(NamedTuple):
 @dataclass(frozen=True)
 class OwnSubimages:
     """The subimages of ``subdomains`` of ``decomposition``, read through a crop padding of ``padding`` pixels and,
-    with ``flip``, horizontal flips (the loader's augmentation; ``0`` and False for unaugmented batches)."""
+    with ``flip``, horizontal flips (the loader's augmentation; ``0`` and False for unaugmented batches).
+    ``subdomains`` may include the coarse level (:attr:`holds_coarse`); the regions are those of the grid ones."""
 
     decomposition: Decomposition
     subdomains: tuple[int, ...]
@@ -78,6 +88,16 @@ class OwnSubimages:
         return self.decomposition.image_shape
 
     @property
+    def grid_subdomains(self) -> tuple[int, ...]:
+        """The own subdomains of the grid (with a window), in the order of :attr:`subdomains`."""
+        return tuple(i for i in self.subdomains if i != self.decomposition.coarse_index)
+
+    @property
+    def holds_coarse(self) -> bool:
+        """Whether the coarse level is among the own subdomains: then the whole images are read."""
+        return self.decomposition.coarse_index in self.subdomains
+
+    @property
     def subimage_shape(self) -> tuple[int, ...]:
         return self.decomposition.subimage_shape
 
@@ -87,14 +107,15 @@ class OwnSubimages:
 
     @cached_property
     def _starts(self) -> torch.Tensor:
-        """``(S, D)``: where each own subdomain's window starts."""
+        """``(G, D)``: where each own grid subdomain's window starts."""
         windows = self.decomposition.windows()
-        return torch.tensor([[w.start for w in windows[i]] for i in self.subdomains], dtype=torch.long)
+        starts = [[w.start for w in windows[i]] for i in self.grid_subdomains]
+        return torch.tensor(starts, dtype=torch.long).view(len(starts), len(self.image_shape))
 
     @cached_property
     def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The distinct regions' origins ``(R, D)`` (the own subdomains' regions, then the mirrors not among them)
-        and the region of each own subdomain unflipped and flipped."""
+        """The distinct regions' origins ``(R, D)`` (the own grid subdomains' regions, then the mirrors not among
+        them) and the region of each own grid subdomain unflipped and flipped."""
         last = len(self.image_shape) - 1
         origins: list[tuple[int, ...]] = []
 
@@ -110,7 +131,8 @@ class OwnSubimages:
         direct = [region(a) for a in starts]
         width, size = self.image_shape[last], self.subimage_shape[last]
         mirror = [region([*a[:last], width - a[last] - size]) for a in starts] if self.flip else direct
-        return torch.tensor(origins, dtype=torch.long), torch.tensor(direct), torch.tensor(mirror)
+        origin = torch.tensor(origins, dtype=torch.long).view(len(origins), len(self.image_shape))
+        return origin, torch.tensor(direct, dtype=torch.long), torch.tensor(mirror, dtype=torch.long)
 
     @property
     def num_regions(self) -> int:
@@ -124,7 +146,10 @@ class OwnSubimages:
 
     @property
     def fraction(self) -> float:
-        """The regions' pixels over the whole image's: what a process holds of the data set, per image."""
+        """The regions' pixels over the whole image's: what a process holds of the data set, per image (the whole
+        image, 1, for the coarse level's process)."""
+        if self.holds_coarse:
+            return 1.0
         return self.num_regions * math.prod(self.region_shape) / math.prod(self.image_shape)
 
     @property
@@ -147,7 +172,7 @@ class OwnSubimages:
 
     def whole(self, images: torch.Tensor) -> Regions:
         """Whole images ``(M, C, *image_shape)`` as a source: one region, at the origin, read by every subdomain."""
-        zeros = torch.zeros(len(self.subdomains), dtype=torch.long, device=images.device)
+        zeros = torch.zeros(len(self.grid_subdomains), dtype=torch.long, device=images.device)
         origins = torch.zeros(1, len(self.image_shape), dtype=torch.long, device=images.device)
         return Regions(images.unsqueeze(1), origins, zeros, zeros)
 
@@ -158,20 +183,57 @@ class OwnSubimages:
         shifts: torch.Tensor | None = None,
         flips: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The own subimages ``(B, S, C, *subimage_shape)`` of the images ``rows`` of ``source``, shifted by
-        ``shifts`` ``(B, D)`` (in ``[0, 2 * padding]``) and mirrored where ``flips`` ``(B,)``, as ``crop_and_flip``
-        then :meth:`Decomposition.split` would make them (None: unaugmented), by one gather."""
+        """The own grid subimages ``(B, G, C, *subimage_shape)`` (:attr:`grid_subdomains`) of the images ``rows`` of
+        ``source``, shifted by ``shifts`` ``(B, D)`` (in ``[0, 2 * padding]``) and mirrored where ``flips`` ``(B,)``,
+        as ``crop_and_flip`` then :meth:`Decomposition.split` would make them (None: unaugmented), by one gather."""
+        flipped = self._flipped(flips, len(rows), source.images.device)
+        region = torch.where(flipped[:, None], source.mirror[None], source.direct[None])  # (B, G)
+        return self._gather(source, rows, region, self._starts, self.subimage_shape, shifts, flipped)
+
+    def augmented(
+        self, source: Regions, rows: torch.Tensor, shifts: torch.Tensor | None = None, flips: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The whole images ``(B, C, *image_shape)`` ``rows`` of ``source`` (:meth:`whole`) as the augmentation
+        makes them, ``crop_and_flip(x, shifts, flips, padding)`` bit for bit: what the coarse level averages."""
+        if source.images.shape[3:] != self.image_shape:
+            raise ValueError("the coarse level's images are gathered from the whole images (OwnSubimages.whole)")
+        flipped = self._flipped(flips, len(rows), source.images.device)
+        region = torch.zeros(len(rows), 1, dtype=torch.long, device=source.images.device)
+        starts = torch.zeros(1, len(self.image_shape), dtype=torch.long)
+        return self._gather(source, rows, region, starts, self.image_shape, shifts, flipped)[:, 0]
+
+    def combine(self, grid: torch.Tensor, coarse: torch.Tensor | None) -> torch.Tensor:
+        """The own subimages ``(B, S, C, *subimage_shape)`` in the order of :attr:`subdomains`: the grid ones
+        ``(B, G, ...)`` of :meth:`extract` (normalised) and, if held, the coarse one ``(B, C, ...)``, in its dtype."""
+        if coarse is None:
+            return grid
+        grid = iter(grid.to(coarse.dtype).unbind(1))
+        return torch.stack([coarse if i == self.decomposition.coarse_index else next(grid) for i in self.subdomains], 1)
+
+    def _flipped(self, flips: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if flips is not None and self.flip:
+            return flips.to(device)
+        return torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def _gather(
+        self,
+        source: Regions,
+        rows: torch.Tensor,
+        region: torch.Tensor,
+        starts: torch.Tensor,
+        sizes: tuple[int, ...],
+        shifts: torch.Tensor | None,
+        flipped: torch.Tensor,
+    ) -> torch.Tensor:
+        """Windows ``(B, S, C, *sizes)`` starting at ``starts`` ``(S, D)`` of the images ``rows``, read from their
+        ``region`` ``(B, S)``, augmented: the coordinates ``crop_and_flip`` computes, restricted to the windows."""
         device, batch, dims = source.images.device, len(rows), len(self.image_shape)
-        flipped = (
-            flips.to(device) if flips is not None and self.flip else torch.zeros(batch, dtype=torch.bool, device=device)
-        )
-        region = torch.where(flipped[:, None], source.mirror[None], source.direct[None])  # (B, S)
-        starts = self._starts.to(device)
+        starts = starts.to(device)
         index: list[torch.Tensor] = [
             rows.to(device).view(batch, *[1] * (dims + 1)),
             region.view(*region.shape, *[1] * dims),
         ]
-        for axis, (length, size) in enumerate(zip(self.image_shape, self.subimage_shape)):
+        for axis, (length, size) in enumerate(zip(self.image_shape, sizes)):
             coords = starts[None, :, axis, None] + torch.arange(size, device=device)  # (1, S, size): image coordinates
             if axis == dims - 1:
                 coords = torch.where(flipped[:, None, None], length - 1 - coords, coords)  # the mirrored window

@@ -1,5 +1,8 @@
 """Where the subdomains live: the placement of the N subdomains of one decomposition on the ranks
-(:func:`assign_subdomains`, :class:`Parallel`), and the collectives of training on that placement."""
+(:func:`assign_subdomains`, :class:`Parallel`), and the collectives of training on that placement. A coarse level
+(:mod:`ddcnn.decomposition`) is subdomain N of N + 1, placed as any other: the last rank's block ends with it (its
+subimage has the subimage shape, so it costs a rank what a grid subdomain costs, but its loader reads the whole
+images, :mod:`ddcnn.data.subimages`)."""
 
 from __future__ import annotations
 

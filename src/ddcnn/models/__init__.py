@@ -2,7 +2,8 @@
 built from them (the local CNNs of a decomposition and the CNN-DNN) and the spec every checkpoint holds to rebuild
 its model (:class:`ModelSpec`, :func:`model_from_checkpoint`)."""
 
-from . import densenet, resnet, vgg  # noqa: F401  (register the backbones)
+# register the backbones, and the closed-form aggregators (after the trained ones, which closed_form imports)
+from . import closed_form, densenet, resnet, vgg  # noqa: F401
 from .aggregators import Aggregator, create_aggregator, list_aggregators, register_aggregator
 from .backbone import Backbone
 from .cnn_dnn import CNNDNN

@@ -22,26 +22,31 @@ others have a closed-form :meth:`Aggregator.fit` on held-out probabilities, a no
 (``fitted = True``).
 
 What the trained ones read is their ``local_output`` (``ModelConfig.local_output``): the local CNNs' probabilities,
-as in the papers, or their logits, which keep what the softmax removes (how far above the others a class is, and
-each local CNN's overall scale). The closed-form rules are defined on probabilities and always read those. The
-:class:`~ddcnn.models.cnn_dnn.CNNDNN` and the aggregation phase hand each aggregator what it reads.
+as in the papers; their logits, which keep what the softmax removes (how far above the others a class is, and
+each local CNN's overall scale); or their pooled features, ``(B, N, D)`` (``input_dim`` D, ``--feature-dim``): what
+each local CNN saw before its classifier, averaged over space and down to D channels, parameter-free
+(:meth:`~ddcnn.models.LocalCNNs.forward_with_features`). The closed-form rules are defined on probabilities and
+always read those. The :class:`~ddcnn.models.cnn_dnn.CNNDNN` and the aggregation phase hand each aggregator what it
+reads. ``ddcnn compare --methods`` names a trained aggregator with its input, ``dnn:logits`` (:func:`split_input`,
+:func:`check_aggregator_input`); a plain ``dnn`` reads ``--local-output``.
 
-Registry: ``@register_aggregator("name")`` on an :class:`Aggregator` subclass, ``create_aggregator(name,
+The trained ones are defined here, the closed-form ones in :mod:`ddcnn.models.closed_form`. Registry:
+``@register_aggregator("name")`` on an :class:`Aggregator` subclass, ``create_aggregator(name,
 num_subdomains, num_classes, **options)``, ``list_aggregators()``; :func:`aggregator_options` reads a class's
 options from a :class:`~ddcnn.config.ModelConfig`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..config.options import LOCAL_OUTPUTS
+from ..config.options import INPUT_SEPARATOR, LOCAL_OUTPUTS, split_input
 from ..errors import ConfigError, InputSizeError, UnknownNameError
 
 # probabilities are clamped here before a log: an underflowed softmax (exactly 0) must not give -inf scores
@@ -49,7 +54,11 @@ MIN_PROBABILITY = 1e-12
 
 
 class Aggregator(nn.Module):
-    """Base class: local probabilities ``(B, N, K)`` -> class scores ``(B, K)`` (logits or log-probabilities)."""
+    """Base class: local probabilities ``(B, N, K)`` -> class scores ``(B, K)`` (logits or log-probabilities).
+
+    A trained one may read the local logits ``(B, N, K)`` or pooled features ``(B, N, input_dim)`` instead
+    (``local_output``); ``input_dim``, the numbers per subdomain, is ``K`` but for features.
+    """
 
     name: ClassVar[str] = ""
     trainable: ClassVar[bool] = False  # True: trained by gradient descent on local probabilities
@@ -57,15 +66,24 @@ class Aggregator(nn.Module):
     # the peak learning rate of AdamW in the aggregation phase, unless --aggregator-lr sets one
     default_lr: ClassVar[float] = 0.01
 
-    def __init__(self, num_subdomains: int, num_classes: int, local_output: str = "probabilities"):
+    def __init__(
+        self, num_subdomains: int, num_classes: int, local_output: str = "probabilities", input_dim: int | None = None
+    ):
         super().__init__()
         if local_output not in LOCAL_OUTPUTS:
             raise ConfigError(f"local_output must be one of {', '.join(LOCAL_OUTPUTS)}, got {local_output!r}")
         if local_output != "probabilities" and not self.trainable:
             raise ConfigError(f"the {self.name} aggregator combines probabilities; local_output {local_output} is "
                               "for the trained aggregators")
+        if local_output == "features" and (input_dim is None or input_dim < 1):
+            raise ConfigError(f"the {self.name} aggregator reading features needs their number per subdomain, "
+                              f"input_dim, at least 1 (got {input_dim})")
+        if local_output != "features" and input_dim not in (None, num_classes):
+            raise ConfigError(f"the {self.name} aggregator reads the local {local_output}, {num_classes} per "
+                              f"subdomain; input_dim {input_dim} is for local_output features")
         self.num_subdomains, self.num_classes = num_subdomains, num_classes
-        self.local_output = local_output  # "probabilities" or "logits" of the local CNNs, (B, N, K) either way
+        self.local_output = local_output  # "probabilities", "logits" or "features" of the local CNNs
+        self.input_dim = num_classes if input_dim is None else int(input_dim)  # (B, N, input_dim) in
 
     @classmethod
     def options_from_config(cls, model: ModelConfig) -> dict[str, Any]:
@@ -79,14 +97,15 @@ class Aggregator(nn.Module):
         """Closed-form fit on held-out local probabilities ``(n, N, K)`` and labels ``(n,)``; a no-op by default."""
 
     def check_input(self, probabilities: torch.Tensor) -> None:
-        if probabilities.dim() != 3 or tuple(probabilities.shape[1:]) != (self.num_subdomains, self.num_classes):
+        if probabilities.dim() != 3 or tuple(probabilities.shape[1:]) != (self.num_subdomains, self.input_dim):
             raise InputSizeError(
                 f"{type(self).__name__} expects local {self.local_output} (B, {self.num_subdomains}, "
-                f"{self.num_classes}), got {tuple(probabilities.shape)}"
+                f"{self.input_dim}), got {tuple(probabilities.shape)}"
             )
 
     def extra_repr(self) -> str:
         reads = "" if self.local_output == "probabilities" else f", local_output={self.local_output}"
+        reads += f", input_dim={self.input_dim}" if self.local_output == "features" else ""
         return f"num_subdomains={self.num_subdomains}, num_classes={self.num_classes}{reads}"
 
 
@@ -122,14 +141,60 @@ def aggregator_class(name: str) -> type[Aggregator]:
     return _AGGREGATORS[name]
 
 
+def check_aggregator_input(method: str) -> tuple[str, str | None]:
+    """``(aggregator, input)`` of a method ``dnn:logits`` (input None for a plain ``dnn``); a one-line error for an
+    unknown aggregator, an unknown input, or an input given to a closed-form aggregator."""
+    base, reads = split_input(method)
+    cls = aggregator_class(base)
+    if reads is not None and (reads not in LOCAL_OUTPUTS or not cls.trainable):
+        why = f"{reads!r} is no input" if reads not in LOCAL_OUTPUTS else f"the {base} aggregator is not trained"
+        raise ConfigError(f"method {method!r}: {why}; an aggregator with its input is one of "
+                          f"{', '.join(list_aggregator_inputs())}")
+    return base, reads
+
+
+def list_aggregator_inputs() -> list[str]:
+    """Every trained aggregator with every input it can read, ``dnn:probabilities``... (``ddcnn compare``)."""
+    return [f"{a}{INPUT_SEPARATOR}{o}" for a, cls in _AGGREGATORS.items() if cls.trainable for o in LOCAL_OUTPUTS]
+
+
 def create_aggregator(name: str, num_subdomains: int, num_classes: int, **options: Any) -> Aggregator:
-    """Build aggregator ``name`` for ``num_subdomains`` local CNNs and ``num_classes`` classes."""
-    return aggregator_class(name)(num_subdomains, num_classes, **options)
+    """Build aggregator ``name`` (or ``name:input``, :func:`check_aggregator_input`) for ``num_subdomains`` local
+    CNNs and ``num_classes`` classes."""
+    base, reads = check_aggregator_input(name)
+    if reads is not None and options.setdefault("local_output", reads) != reads:
+        raise ConfigError(f"aggregator {name} with local_output {options['local_output']}: give one input")
+    return aggregator_class(base)(num_subdomains, num_classes, **options)
 
 
-def aggregator_options(name: str, model: ModelConfig) -> dict[str, Any]:
-    """The options :func:`create_aggregator` needs for ``name`` under ``model`` (stored in checkpoints)."""
-    return aggregator_class(name).options_from_config(model)
+def aggregator_options(
+    name: str, model: ModelConfig, feature_channels: Callable[[], int] | None = None
+) -> dict[str, Any]:
+    """The options :func:`create_aggregator` needs for ``name`` (or ``name:input``, which reads ``input`` instead of
+    ``model.local_output``) under ``model`` (stored in checkpoints). One that reads features gets ``input_dim``:
+    ``model.feature_dim``, or unset all ``C`` pooled features of a local CNN, which ``feature_channels()`` gives
+    (:func:`~ddcnn.models.local_cnns.feature_channels`; it also refuses a ``feature_dim`` above ``C``)."""
+    base, reads = check_aggregator_input(name)
+    if reads is not None and reads != model.local_output:
+        model = dataclasses.replace(model, local_output=reads)
+    options = aggregator_class(base).options_from_config(model)
+    if options.get("local_output") == "features":
+        options["input_dim"] = feature_input_dim(model.feature_dim, feature_channels)
+    return options
+
+
+def feature_input_dim(feature_dim: int | None, feature_channels: Callable[[], int] | None) -> int:
+    """``D``, the pooled features per subdomain an aggregator reads: ``feature_dim``, at most the local CNNs' ``C``
+    (``feature_channels()``), or unset all ``C``."""
+    channels = None if feature_channels is None else int(feature_channels())
+    if channels is None:
+        if feature_dim is None:
+            raise ValueError("an aggregator reading all the local CNNs' features needs their number (feature_channels)")
+        return int(feature_dim)
+    if feature_dim is not None and feature_dim > channels:
+        raise ConfigError(f"--feature-dim {feature_dim} is more than the {channels} channels of the local CNNs' "
+                          f"pooled features; pass at most {channels}, or leave it unset for all of them")
+    return channels if feature_dim is None else int(feature_dim)
 
 
 # -- trained ----------------------------------------------------------------------------------------------------
@@ -161,14 +226,15 @@ class DNNAggregator(Aggregator):
         dropout: float = 0.1,
         batchnorm: bool = True,
         local_output: str = "probabilities",
+        input_dim: int | None = None,
     ):
-        super().__init__(num_subdomains, num_classes, local_output)
+        super().__init__(num_subdomains, num_classes, local_output, input_dim)
         if activation not in _ACTIVATIONS:
             raise UnknownNameError("DNN activation", activation, _ACTIVATIONS)
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dnn_dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = []
-        features = num_subdomains * num_classes
+        features = num_subdomains * self.input_dim
         for width in hidden:
             layers.append(nn.Linear(features, width, bias=not batchnorm))
             if batchnorm:
@@ -207,9 +273,11 @@ class LinearAggregator(Aggregator):
     trainable = True
     default_lr = 0.1
 
-    def __init__(self, num_subdomains: int, num_classes: int, local_output: str = "probabilities"):
-        super().__init__(num_subdomains, num_classes, local_output)
-        self.linear = nn.Linear(num_subdomains * num_classes, num_classes)
+    def __init__(
+        self, num_subdomains: int, num_classes: int, local_output: str = "probabilities", input_dim: int | None = None
+    ):
+        super().__init__(num_subdomains, num_classes, local_output, input_dim)
+        self.linear = nn.Linear(num_subdomains * self.input_dim, num_classes)
 
     def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
         self.check_input(probabilities)
@@ -243,14 +311,15 @@ class AttentionAggregator(Aggregator):
         layers: int = 2,
         dropout: float = 0.1,
         local_output: str = "probabilities",
+        input_dim: int | None = None,
     ):
-        super().__init__(num_subdomains, num_classes, local_output)
+        super().__init__(num_subdomains, num_classes, local_output, input_dim)
         if dim < 1 or heads < 1 or dim % heads or layers < 1:
             raise ConfigError(f"attention aggregator: dim {dim} must be a positive multiple of heads {heads}, and "
                               f"layers {layers} at least 1")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"attention aggregator: dropout must be in [0, 1), got {dropout}")
-        self.embed = nn.Linear(num_classes, dim)
+        self.embed = nn.Linear(self.input_dim, dim)
         self.position = nn.Parameter(torch.randn(num_subdomains, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
             dim, heads, dim_feedforward=2 * dim, dropout=dropout, activation="gelu", batch_first=True, norm_first=True
@@ -268,77 +337,3 @@ class AttentionAggregator(Aggregator):
         self.check_input(probabilities)
         tokens = self.embed(probabilities) + self.position.to(probabilities.dtype)
         return self.head(self.norm(self.encoder(tokens).mean(1)))
-
-
-# -- closed form ------------------------------------------------------------------------------------------------
-
-
-@register_aggregator("mean")
-class MeanAggregator(Aggregator):
-    """Average probability: ``log (1/N) sum_i p_i``; the prediction is its argmax."""
-
-    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
-        self.check_input(probabilities)
-        return probabilities.mean(1).clamp_min(MIN_PROBABILITY).log()
-
-
-@register_aggregator("logmean")
-class LogMeanAggregator(Aggregator):
-    """Average log-probability ``(1/N) sum_i log p_i`` (the geometric mean), renormalised to log-probabilities.
-
-    Probabilities are clamped at ``MIN_PROBABILITY`` first, so one local CNN certain that a class is impossible
-    lowers that class by a bounded amount instead of vetoing it.
-    """
-
-    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
-        self.check_input(probabilities)
-        return probabilities.clamp_min(MIN_PROBABILITY).log().mean(1).log_softmax(-1)
-
-
-@register_aggregator("vote")
-class VoteAggregator(Aggregator):
-    """Majority voting of the local predictions ``argmax_k p_i[k]``.
-
-    Tie rule: among the classes with the most votes, the one with the highest summed probability
-    ``s[k] = sum_i p_i[k]`` wins (if that ties too, the lowest class index). The output is the log of the
-    distribution ``q[k] = (votes[k] + s[k] / (N + 1)) / (N + N / (N + 1))``: since ``s[k] <= N < N + 1``, one
-    vote more always outweighs any probability sum, so ``argmax q`` is exactly the rule above, and ``q > 0``.
-    """
-
-    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
-        self.check_input(probabilities)
-        n = self.num_subdomains
-        votes = F.one_hot(probabilities.argmax(-1), self.num_classes).sum(1).to(probabilities.dtype)
-        score = votes + probabilities.sum(1) / (n + 1)
-        return (score / (n + n / (n + 1))).clamp_min(MIN_PROBABILITY).log()
-
-
-@register_aggregator("weighted")
-class WeightedAggregator(Aggregator):
-    """Average probability with each local CNN weighted by its skill on validation data.
-
-    :meth:`fit` sets ``w_i = max(acc_i - 1/K, 0)``, local CNN ``i``'s validation accuracy above chance (a local
-    CNN that sees only background gets no say), normalised to sum to 1; uniform when every local CNN is at
-    chance. Output ``log sum_i w_i p_i``. No gradient training: the weights are a buffer.
-    """
-
-    fitted = True
-
-    def __init__(self, num_subdomains: int, num_classes: int):
-        super().__init__(num_subdomains, num_classes)
-        self.register_buffer("weights", torch.full((num_subdomains,), 1.0 / num_subdomains))
-        self.register_buffer("accuracies", torch.full((num_subdomains,), float("nan")))
-
-    def fit(self, probabilities: torch.Tensor, labels: torch.Tensor) -> None:
-        self.check_input(probabilities)
-        labels = labels.to(probabilities.device)
-        accuracies = (probabilities.argmax(-1) == labels[:, None]).float().mean(0)
-        skill = (accuracies - 1.0 / self.num_classes).clamp_min(0.0)
-        weights = skill / skill.sum() if skill.sum() > 0 else torch.full_like(skill, 1.0 / self.num_subdomains)
-        self.accuracies.copy_(accuracies)
-        self.weights.copy_(weights)
-
-    def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
-        self.check_input(probabilities)
-        mixed = torch.einsum("bnk,n->bk", probabilities, self.weights.to(probabilities.dtype))
-        return mixed.clamp_min(MIN_PROBABILITY).log()

@@ -1,8 +1,9 @@
 """The CNN-DNN: the local CNNs of a decomposition composed with an aggregator, ``g(f_1(x_1), ..., f_N(x_N))``.
 
 The local CNNs' logits become probabilities (softmax, in float32) and the aggregator maps them to class scores (an
-aggregator with ``local_output`` logits gets the float32 logits themselves), so the composition is one
-differentiable model: frozen local CNNs for the aggregation phase, trained end to end for
+aggregator with ``local_output`` logits gets the float32 logits themselves, one with ``features`` the local CNNs'
+pooled features, :meth:`~ddcnn.models.LocalCNNs.forward_with_features`), so the composition is one differentiable
+model: frozen local CNNs for the aggregation phase, trained end to end for
 coherent training and transfer learning. :meth:`CNNDNN.from_pretrained` starts it from a local-phase (or CNN-DNN)
 checkpoint, asserting that the backbone, grid and classes of the checkpoint's spec (:mod:`ddcnn.models.spec`) and
 every parameter name and shape fit.
@@ -51,22 +52,36 @@ class CNNDNN(nn.Module):
                 f"does not fit {n} local CNNs of {k} classes"
             )
         self.local_cnns, self.aggregator, self.gather = local_cnns, aggregator, gather
+        # an aggregator of features: the local CNNs' classifier heads do not reach the output; they are not trained
+        self.frozen = local_cnns.frozen_head() if aggregator.local_output == "features" else []
+
+    @property
+    def reads_features(self) -> bool:
+        return self.aggregator.local_output == "features"
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        """What the aggregator reads (its ``local_output``): the local CNNs' probabilities ``(B, N, K)``, or their
-        logits. Gathered in model-parallel training: the same N*K numbers an image either way."""
-        logits = self.local_cnns(x)  # in float32 at least: autocast's bf16 is too coarse for probabilities
-        local = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if self.aggregator.local_output != "logits":
-            local = local.softmax(-1)
+        """What the aggregator reads (its ``local_output``): the local CNNs' probabilities ``(B, N, K)``, their
+        logits, or their pooled features ``(B, N, D)``. Gathered in model-parallel training."""
+        if self.reads_features:
+            features = self.local_cnns.forward_with_features(x, self.aggregator.input_dim)[1]
+            local = features.to(torch.promote_types(features.dtype, torch.float32))  # as the logits, float32 at least
+        else:
+            local = _probabilities(self.local_cnns(x), self.aggregator.local_output)
         return local if self.gather is None else self.gather(local)
 
     def forward_with_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class scores ``(B, K)`` and the local probabilities ``(B, N, K)`` they come from, in one pass (for an
-        aggregator that reads logits, the softmax of those)."""
-        local = self.forward_local(x)
-        probabilities = local.softmax(-1) if self.aggregator.local_output == "logits" else local
-        return self.aggregator(local), probabilities
+        """Class scores ``(B, K)`` and the local probabilities ``(B, N, K)`` (the softmax of the local CNNs' logits),
+        in one pass of the local CNNs, whatever the aggregator reads."""
+        if not self.reads_features:
+            local = self.forward_local(x)
+            probabilities = local.softmax(-1) if self.aggregator.local_output == "logits" else local
+            return self.aggregator(local), probabilities
+        logits, features = self.local_cnns.forward_with_features(x, self.aggregator.input_dim)
+        features = features.to(torch.promote_types(features.dtype, torch.float32))
+        probabilities = _probabilities(logits, "probabilities")
+        if self.gather is not None:
+            features, probabilities = self.gather(features), self.gather(probabilities)
+        return self.aggregator(features), probabilities
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.aggregator(self.forward_local(x))
@@ -93,6 +108,13 @@ class CNNDNN(nn.Module):
         if with_aggregator:
             load_pretrained_aggregator(state, aggregator, source)
         return cls(local_cnns, aggregator)
+
+
+def _probabilities(logits: torch.Tensor, local_output: str) -> torch.Tensor:
+    """The local CNNs' logits in float32 at least (autocast's bf16 is too coarse for probabilities), as
+    probabilities unless ``local_output`` is logits."""
+    local = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return local if local_output == "logits" else local.softmax(-1)
 
 
 def load_pretrained_local_cnns(state: dict[str, Any], local_cnns: LocalCNNs, source: str) -> LocalCNNs:

@@ -188,6 +188,38 @@ def check_factory_output(
         )
 
 
+def check_features_interface(name: str, module: nn.Module) -> None:
+    """A one-line ConfigError unless ``module`` has timm's ``forward_features`` and ``forward_head``, which
+    ``--local-output features`` needs of a factory's module (:func:`pooled_forward`)."""
+    missing = [m for m in ("forward_features", "forward_head") if not callable(getattr(module, m, None))]
+    if missing:
+        raise ConfigError(
+            f"backbone {name} ({type(module).__name__}) has no {' and no '.join(missing)}, which --local-output "
+            "features reads; give its module forward_features(x) (the features before the classifier) and "
+            "forward_head(features) with forward(x) == forward_head(forward_features(x)), as timm's models have "
+            f"(see {DOCS}), or use --local-output probabilities or logits"
+        )
+
+
+def pooled_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A factory module's logits ``(B, K)`` and pooled features ``(B, C)`` from one pass, timm's way: ``f =
+    module.forward_features(x)``, logits ``module.forward_head(f)``; ``f`` itself where it is ``(B, C)``, averaged
+    over its spatial axes where it is a feature map ``(B, C, *spatial)`` of ``x``'s spatial dimensions."""
+    features = module.forward_features(x)
+    logits = module.forward_head(features)
+    if features.dim() == x.dim():  # a feature map (B, C, *spatial): 4D for images, 5D for volumes
+        pooled = features.mean(dim=tuple(range(2, features.dim())))
+    elif features.dim() == 2:
+        pooled = features
+    else:
+        raise ConfigError(
+            f"{type(module).__name__}.forward_features gives shape {tuple(features.shape)} for inputs "
+            f"{tuple(x.shape)}; --local-output features pools (B, C) features or (B, C, *spatial) feature maps "
+            f"(see {DOCS})"
+        )
+    return logits, pooled
+
+
 def _accepts(factory: Factory) -> tuple[set[str], bool]:
     """The keyword names ``factory`` takes, and whether it takes ``**kwargs`` (True where its signature is
     unknown)."""

@@ -15,6 +15,7 @@ process's share of them in model-parallel training is a :class:`LocalCNNs` of so
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..decomposition import Decomposition
 from ..errors import CheckpointMismatchError
-from .backbone import Backbone
+from .backbone import Backbone, reduce_features
 from .factory import build_factory_module, factory_name, is_factory_name, resolve_factory
 from .registry import create_model
 from .stacked import BATCHING, StackedModules
@@ -120,6 +121,46 @@ class LocalCNNs(nn.Module):
         """Logits ``(B, N, K)`` from already split subimages ``(B, N, C, *subimage_shape)``."""
         return self.net(subimages)
 
+    def forward_with_features(self, x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits ``(B, n, K)`` and the pooled features ``(B, n, D)`` of this module's local CNNs, from one pass
+        of their convolutional part; inputs as :meth:`forward` takes them. A local CNN's pooled features: its last
+        feature map averaged over the spatial axes to its ``C`` channels, then to ``dim`` (``D``) by averaging
+        adjacent channels (:func:`~ddcnn.models.backbone.reduce_features`; unset: all ``C``). No parameters, so the
+        frozen local CNNs' features are computed once in the aggregation phase, as their probabilities are. A
+        factory's module needs timm's ``forward_features`` and ``forward_head`` (:mod:`ddcnn.models.factory`)."""
+        if x.dim() != 3 + self.decomposition.spatial_dims:
+            x = self.decomposition.split(x)
+            if self.is_share:
+                x = x[:, self.subdomains]
+        logits, pooled = self.net.forward_pooled(x)
+        return logits, reduce_features(pooled, dim, f"the {self.backbone_name} local CNNs")
+
+    def frozen_head(self) -> list[str]:
+        """Stop the gradients of the parameters the pooled features do not depend on (the classifier heads), for a
+        CNN-DNN whose aggregator reads the features: its output does not depend on them, and an optimizer or DDP
+        must not wait for their gradients. Returns their names. Found by one backward of a probe (two zero
+        subimages, on a forked RNG, in eval mode: no statistic moves)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return []
+        first = params[0]
+        probe = torch.zeros(2, self.num_local_cnns, self.in_channels, *self.decomposition.subimage_shape,
+                            device=first.device, dtype=first.dtype)
+        training = self.training
+        try:
+            with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+                self.eval()
+                features = self.forward_with_features(probe)[1]
+                grads = torch.autograd.grad(features.sum(), params, allow_unused=True)
+        finally:
+            self.train(training)
+        unused = {id(p) for p, g in zip(params, grads) if g is None}
+        names = [name for name, p in self.named_parameters() if id(p) in unused]
+        for p in params:
+            if id(p) in unused:
+                p.requires_grad_(False)
+        return names
+
     def local_cnn(self, index: int) -> nn.Module:
         """Local CNN ``index`` (position in :attr:`subdomains`) as a standalone module that takes subimages
         ``(B, C, *subimage_shape)``: a ``groups=1`` backbone, or a module of the factory's own class; a copy, on this
@@ -209,6 +250,25 @@ class LocalCNNs(nn.Module):
         elif image_shape is not None and tuple(image_shape) != decomposition.image_shape:
             raise ValueError(f"image_shape {tuple(image_shape)} is not the decomposition's {decomposition.image_shape}")
         return cls(name, decomposition, in_channels, num_classes, width, subdomains, batching)
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_channels(
+    backbone: str, subimage_shape: tuple[int, ...], in_channels: int, num_classes: int, width: float
+) -> int:
+    spatial_dims = len(subimage_shape)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the probe must not advance the RNG of the run
+        one = LocalCNNs(backbone, Decomposition((1,) * spatial_dims, subimage_shape), in_channels, num_classes, width)
+        probe = torch.zeros(2, 1, in_channels, *subimage_shape)
+        return int(one.eval().forward_with_features(probe)[1].shape[-1])
+
+
+def feature_channels(backbone: str, decomposition: Decomposition, in_channels: int, num_classes: int,
+                     width: float = 1.0) -> int:
+    """``C``: how many pooled features each local CNN of ``decomposition`` has (:meth:`LocalCNNs.forward_with_features`
+    with all of them), from a probe of one local CNN, built once per backbone, subimage shape and width."""
+    return _feature_channels(backbone, tuple(decomposition.subimage_shape), int(in_channels), int(num_classes),
+                             float(width))
 
 
 def _check_compatible(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:

@@ -2,12 +2,13 @@
 
 A :class:`ModelSpec` says what a checkpoint's weights belong to: local CNNs (``kind`` ``local_cnns``; the global CNN
 is local CNNs on a ``1x1`` grid) or a CNN-DNN (``cnn_dnn``, with its aggregator and the aggregator's options), the
-backbone and width, the decomposition (grid, overlap, image shape), the channels and classes, and the normalisation
-new images need. Its provenance fields (method, dataset, local checkpoint) do not affect the model.
+backbone and width, the decomposition (grid, overlap, coarse level, image shape), the channels and classes, and the
+normalisation new images need. Its provenance fields (method, dataset, local checkpoint) do not affect the model.
 
 Every phase stores ``spec.to_dict()`` under the checkpoint's ``"spec"`` key; :func:`spec_of` is the one reader and
 :func:`model_from_checkpoint` the one rebuilder. Checkpoints of ddcnn 0.1 stored the same fields, under the same
-names, as a ``"meta"`` dict: :func:`spec_of` reads those too.
+names, as a ``"meta"`` dict: :func:`spec_of` reads those too. Fields added later are written only where they differ
+from their default (``coarse`` only when True), so that the spec of a model without them is the one it always was.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from .local_cnns import LocalCNNs, _check_compatible
 KINDS = ("local_cnns", "cnn_dnn")
 
 # the fields that decide the local CNNs' parameters: a checkpoint's local CNNs fit a model that agrees on all of them
-LOCAL_CNNS_FIELDS = ("backbone", "width", "grid", "overlap", "in_channels", "num_classes", "image_shape")
+LOCAL_CNNS_FIELDS = ("backbone", "width", "grid", "overlap", "coarse", "in_channels", "num_classes", "image_shape")
+
+# fields written only where they are not their default, so that older checkpoints' specs stay what they were
+_OMITTED_AT_DEFAULT = {"coarse": False}
 
 # the fields that decide the whole model (the rest is how to preprocess images, and provenance)
 MODEL_FIELDS = ("kind", *LOCAL_CNNS_FIELDS, "aggregator", "aggregator_options")
@@ -50,6 +54,7 @@ class ModelSpec:
     num_classes: int
     width: float = 1.0  # the channel multiplier these CNNs were built with (a local-phase model's: --local-width)
     overlap: int = 0  # pixels each subimage reaches into its neighbours (ddcnn.decomposition)
+    coarse: bool = False  # a coarse level: one more local CNN, on the whole image downsampled (ddcnn.decomposition)
     class_names: tuple[str, ...] | None = None
     mean: tuple[float, ...] | None = None  # per channel, of the training split's pixels scaled to [0, 1]
     std: tuple[float, ...] | None = None
@@ -73,6 +78,7 @@ class ModelSpec:
         put("num_classes", int(self.num_classes))
         put("width", float(self.width))
         put("overlap", int(self.overlap))
+        put("coarse", bool(self.coarse))
         for name, kind in (("class_names", str), ("mean", float), ("std", float)):
             if getattr(self, name) is not None:
                 put(name, tuple(kind(v) for v in getattr(self, name)))
@@ -105,6 +111,7 @@ class ModelSpec:
             "width": local_cnns.width,
             "grid": d.grid,
             "overlap": d.overlap,
+            "coarse": d.coarse,
             "image_shape": d.image_shape,
             "in_channels": local_cnns.in_channels,
             "num_classes": local_cnns.num_classes,
@@ -113,8 +120,10 @@ class ModelSpec:
         return cls(**(known | fields))
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, as plain values (lists, not tuples) for a checkpoint, JSON or YAML."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Every field, as plain values (lists, not tuples) for a checkpoint, JSON or YAML; those of
+        ``_OMITTED_AT_DEFAULT`` only where they are not their default."""
+        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {k: v for k, v in values.items() if k not in _OMITTED_AT_DEFAULT or v != _OMITTED_AT_DEFAULT[k]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "the spec") -> ModelSpec:
@@ -140,7 +149,7 @@ class ModelSpec:
                                   "ddcnn train") from None
 
     def decomposition(self) -> Decomposition:
-        return Decomposition(self.grid, self.image_shape, self.overlap)
+        return Decomposition(self.grid, self.image_shape, self.overlap, self.coarse)
 
     def build(self) -> nn.Module:
         """The model this spec describes, untrained: :class:`LocalCNNs` or a CNN-DNN."""
@@ -161,7 +170,14 @@ class ModelSpec:
         if isinstance(needed, ModelSpec):
             keys, needed = MODEL_FIELDS if keys is None else keys, needed.to_dict()
         for key in needed if keys is None else keys:
-            have, want = _frozen(_plain(getattr(self, key))), _frozen(_plain(needed[key]))
+            want = _frozen(_plain(needed.get(key, _OMITTED_AT_DEFAULT.get(key))))  # a field omitted: its default
+            have = _frozen(_plain(getattr(self, key)))
+            if have != want and key == "coarse":
+                has, lacks = ("has a", "without") if have else ("has no", "with")
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} {has} coarse level but this run's model is {lacks} one; train the local phase "
+                    f"{lacks} --coarse, or run {'with' if have else 'without'} --coarse"
+                )
             if have != want:
                 raise CheckpointMismatchError(
                     f"checkpoint {path} has {key} {have!r} but this run needs {want!r}; "

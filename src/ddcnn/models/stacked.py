@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from .factory import check_features_interface, pooled_forward
+
 log = logging.getLogger(__name__)
 
 BATCHING = ("auto", "vmap", "loop")
@@ -137,6 +139,28 @@ class StackedModules(nn.Module):
             return self._vmap(params, buffers, x)
         return self._loop(params, buffers, x)
 
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits ``(B, N, K)`` and pooled features ``(B, N, C)`` of the copies, from one pass of each
+        (:func:`~ddcnn.models.factory.pooled_forward`: the user module's ``forward_features`` then ``forward_head``)."""
+        if x.dim() < 2 or x.shape[1] != self._n:
+            raise ValueError(f"expected inputs (B, {self._n}, ...) for {self._n} copies, got {tuple(x.shape)}")
+        check_features_interface(self._name, self._template)
+        params, buffers = self.stacked()
+        if self._batching == "vmap" and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            pooled = _Pooled(self._template)  # forward: the template's pooled_forward, so functional_call runs it
+            params = {f"module.{k}": v for k, v in params.items()}
+            buffers = {f"module.{k}": v for k, v in buffers.items()}
+
+            def call(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor) -> Any:
+                return functional_call(pooled, (p, b), (xi,))
+
+            return vmap(call, in_dims=(0, 0, 1), out_dims=1, randomness="different")(params, buffers, x)
+        outputs = []
+        for i in range(self._n):
+            with _swapped(self._slots, {k: v[i] for k, v in params.items()} | {k: v[i] for k, v in buffers.items()}):
+                outputs.append(pooled_forward(self._template, x[:, i]))
+        return torch.stack([o[0] for o in outputs], 1), torch.stack([o[1] for o in outputs], 1)
+
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self._template, (params, buffers), (x,))
 
@@ -216,6 +240,18 @@ class StackedModules(nn.Module):
         if batched.shape != looped.shape or not torch.allclose(batched, looped, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
             return "its outputs differ from the loop's"
         return ""
+
+
+class _Pooled(nn.Module):
+    """``module`` whose forward is :func:`~ddcnn.models.factory.pooled_forward`: what ``functional_call`` runs for
+    :meth:`StackedModules.forward_pooled` (its tensors under ``module.``)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pooled_forward(self.module, x)
 
 
 def _slots(module: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:

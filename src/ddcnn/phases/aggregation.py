@@ -1,8 +1,9 @@
 """The aggregation phase: the frozen local CNNs' probabilities in, a fitted or trained aggregator out.
 
-The local CNNs run once over each split an aggregator needs (:class:`_LocalInputs`), in inference mode (and on the
-CPU in cache-sized chunks, :mod:`~ddcnn.phases.local_outputs`); what they produce, ``(n, N, K)`` probabilities (and
-logits, for aggregators that read them: ``cfg.model.local_output``), is small, so it stays in memory and an
+The local CNNs run once over each split an aggregator needs (:class:`~ddcnn.phases.local_outputs.LocalInputs`), in
+inference mode (and on the CPU in cache-sized chunks, :mod:`~ddcnn.phases.local_outputs`); what they produce,
+``(n, N, K)`` probabilities (and logits or pooled features ``(n, N, D)``, for aggregators that read them:
+``cfg.model.local_output``, or the input a method ``dnn:features`` names), is small, so it stays in memory and an
 aggregator trains on it with the same :class:`~ddcnn.train.engine.Trainer` as every other model, fed by a
 :class:`TensorLoader`. What a trained aggregator learns from is ``cfg.aggregator_inputs`` (which images,
 :func:`aggregator_training_inputs`); how it trains is :func:`aggregator_train_config`: AdamW on batches of
@@ -30,18 +31,17 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig, TrainConfig, config_to_dict, format_grid
-from ..data import ImageSet
+from ..config.options import method_file_stem
 from ..data.sampling import epoch_order
-from ..decomposition import Decomposition
 from ..models import LocalCNNs
-from ..models.aggregators import Aggregator, WeightedAggregator
+from ..models.aggregators import Aggregator
+from ..models.closed_form import WeightedAggregator
 from ..models.cnn_dnn import CNNDNN, load_pretrained_aggregator
 from ..run_folder import check_resume
 from ..runtime import seed_everything
 from ..train.callbacks import Callback
 from ..train.engine import FitResult, Trainer
 from ..train.evaluation import evaluate, training_class_weights
-from ..train.logs import format_bytes
 from .context import (
     Experiment,
     MethodResult,
@@ -49,11 +49,17 @@ from .context import (
     checkpoint_finished,
     communication_per_step,
     count_parameters,
-    local_epochs,
     method_report,
 )
-from .local import pretrained_local_cnns, train_local_cnns
-from .local_outputs import LocalProbabilities, _Chunks, local_probabilities  # noqa: F401 (_Chunks: tests reach it here)
+from .local import pretrained_local_cnns
+from .local_outputs import (  # noqa: F401 (_Chunks, local_probabilities, aggregator_training_inputs: reached here)
+    LocalInputs,
+    LocalProbabilities,
+    _Chunks,
+    aggregator_training_inputs,
+    kept_for,
+    local_probabilities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +152,12 @@ def fit_aggregator(
     log_csv: Path | None = None,
     save: bool = True,
     callbacks: Sequence[Callback] = (),
+    desc: str | None = None,
 ) -> AggregatorFit:
     """Fit ``aggregator``: if trainable, the Trainer on ``train`` for ``epochs`` with ``val`` for the per-epoch
     validation numbers; else its closed-form ``fit`` on ``val`` (if it has one). ``save``: False on the processes
-    of a distributed run other than rank 0, which fit the same aggregator on the same numbers but write nothing."""
+    of a distributed run other than rank 0, which fit the same aggregator on the same numbers but write nothing.
+    ``desc`` names it in the progress bar (default: its name)."""
     aggregator.to(device)
     if not (aggregator.trainable or aggregator.fitted):  # nothing to learn (mean, logmean, vote)
         return AggregatorFit([], 0.0, 0.0)
@@ -160,9 +168,9 @@ def fit_aggregator(
         return AggregatorFit([], seconds, len(val) / max(seconds, 1e-9))
     if train is None:
         raise ValueError(f"the {aggregator.name} aggregator is trained and needs training inputs")
-    reads = aggregator.local_output  # the local probabilities, or logits
+    reads = aggregator.local_output  # the local probabilities, logits or features
     trainer = Trainer(
-        aggregator, cfg, device, epochs, log_csv=log_csv, desc=aggregator.name, save=save, callbacks=callbacks,
+        aggregator, cfg, device, epochs, log_csv=log_csv, desc=desc or aggregator.name, save=save, callbacks=callbacks,
         class_weights=training_class_weights(cfg, train.labels, train.probabilities.shape[-1]),
     )
     fit: FitResult = trainer.fit(
@@ -172,109 +180,24 @@ def fit_aggregator(
     return AggregatorFit(fit.history, fit.train_seconds, fit.images_per_second)
 
 
-def _subset(split: ImageSet, rows: torch.Tensor) -> ImageSet:
-    images = split.images[rows] if isinstance(split.images, torch.Tensor) else split.images[rows.numpy()]
-    return ImageSet(torch.as_tensor(images), split.labels[rows])
-
-
-def _crossfit_probabilities(exp: Experiment, decomposition: Decomposition) -> LocalProbabilities:
-    """Out-of-fold local probabilities of every training image: the training images are cut into k folds; for
-    each fold, local CNNs trained on the other k-1 (checkpoint ``crossfit<j>.pt``, validated on the held-out fold)
-    predict it."""
-    k = exp.cfg.crossfit_folds
-    train = exp.data.train
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(exp.cfg.train.seed))
-    folds = [fold.sort().values for fold in order.chunk(k)]
-    probabilities = torch.empty(len(train), decomposition.num_subdomains, exp.data.num_classes)
-    logits = torch.empty_like(probabilities) if _reads_logits(exp) else None
-    for j, held_out in enumerate(folds):
-        kept = torch.cat([f for i, f in enumerate(folds) if i != j]).sort().values
-        fold_exp = exp.with_data(train=_subset(train, kept), val=_subset(train, held_out))
-        local_cnns, _ = train_local_cnns(fold_exp, decomposition, local_epochs(exp), f"crossfit{j}")
-        fold = local_probabilities(
-            local_cnns, fold_exp.loader("val"), exp.cfg.train, exp.device, fold_exp.parallel(decomposition),
-            logits=logits is not None,
-        )
-        probabilities[held_out] = fold.probabilities
-        if logits is not None:
-            logits[held_out] = fold.logits
-    return LocalProbabilities(probabilities, train.labels.clone(), logits)
-
-
-def _reads_logits(exp: Experiment) -> bool:
-    """Whether this run's trained aggregators read the local logits (so the inputs keep them)."""
-    return exp.cfg.model.local_output == "logits"
-
-
-def aggregator_training_inputs(
-    exp: Experiment, local_cnns: LocalCNNs, decomposition: Decomposition
-) -> LocalProbabilities:
-    """The local probabilities a trained aggregator learns from, per ``cfg.aggregator_inputs``:
-
-    ``train``: the frozen local CNNs on the (unaugmented) training images, as in the papers; ``crossfit``:
-    out-of-fold probabilities (:func:`_crossfit_probabilities`: k more local phases, each on k-1 folds); ``val``:
-    the local CNNs on the validation split; ``augmented``: ``cfg.augmented_passes`` passes over the training
-    images with the training augmentation of ``cfg.data`` (so, without augmentation, the ``train`` inputs repeated).
-    """
-    mode, cfg, parallel = exp.cfg.aggregator_inputs, exp.cfg.train, exp.parallel(decomposition)
-    logits = _reads_logits(exp)
-    if mode == "train":
-        return local_probabilities(local_cnns, exp.loader("train"), cfg, exp.device, parallel, logits=logits)
-    if mode == "val":
-        return local_probabilities(local_cnns, exp.loader("val"), cfg, exp.device, parallel, logits=logits)
-    if mode == "augmented":
-        loader = exp.loader("train", train=True, drop_last=False)
-        passes = []
-        for p in range(exp.cfg.augmented_passes):
-            loader.set_epoch(p)
-            passes.append(local_probabilities(local_cnns, loader, cfg, exp.device, parallel, logits=logits))
-        return LocalProbabilities.cat(passes)
-    return _crossfit_probabilities(exp, decomposition)
-
-
-class _LocalInputs:
-    """The frozen local CNNs' probabilities on each split an aggregation phase needs, each computed once, with the
-    seconds it took (part of the training time of the aggregators that need it). In a distributed run each process
-    computes its share of the local CNNs and the probabilities are gathered."""
-
-    def __init__(self, exp: Experiment, local_cnns: LocalCNNs, decomposition: Decomposition):
-        self.exp, self.decomposition = exp, decomposition
-        self.parallel = exp.parallel(decomposition)
-        self.local_cnns = self.parallel.local_cnns(local_cnns)
-        self._cache: dict[str, tuple[LocalProbabilities, float]] = {}
-
-    def get(self, split: str) -> tuple[LocalProbabilities, float]:
-        """``split``: val, test, or train (the trained aggregators' inputs, see :func:`aggregator_training_inputs`)."""
-        if split not in self._cache:
-            start, sent = time.perf_counter(), self.parallel.communication.total
-            if split == "train":
-                data = aggregator_training_inputs(self.exp, self.local_cnns, self.decomposition)
-            else:
-                data = local_probabilities(
-                    self.local_cnns, self.exp.loader(split), self.exp.cfg.train, self.exp.device, self.parallel,
-                    logits=_reads_logits(self.exp),
-                )
-            self._cache[split] = data, time.perf_counter() - start
-            if self.exp.dist.distributed:
-                sent = self.parallel.communication.total - sent
-                log.info("aggregation inputs (%s): local probabilities of %d images gathered, sent %s (%s/image)",
-                         split, len(data), format_bytes(sent), format_bytes(sent / max(len(data), 1)))
-        return self._cache[split]
-
-
 def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None) -> list[MethodResult]:
     """Fit or train each aggregator (default: the configured one) on the frozen local CNNs' probabilities.
 
-    The local CNNs run once per split for all aggregators. Each aggregator's CNN-DNN is saved as
-    ``<aggregator>.pt`` (a ``cnn_dnn`` checkpoint loadable by :func:`model_from_checkpoint`); with
-    ``cfg.resume`` a finished one is loaded instead of fitted again.
+    An aggregator is named as a method: ``dnn`` (it reads ``--local-output``), or a trained one with its input,
+    ``dnn:logits`` (:func:`~ddcnn.models.aggregators.check_aggregator_input`). The local CNNs run once per split for
+    all aggregators, keeping every output one of them reads. Each aggregator's CNN-DNN is saved as
+    ``<method>.pt`` (``dnn-logits.pt`` for ``dnn:logits``: :func:`~ddcnn.config.options.method_file_stem`; a
+    ``cnn_dnn`` checkpoint loadable by :func:`model_from_checkpoint`); with ``cfg.resume`` a finished one is loaded
+    instead of fitted again.
     """
     decomposition = exp.decomposition()
+    names = list(aggregators or [exp.cfg.model.aggregator])
+    kept = kept_for(exp, decomposition, names)  # before the local phase: refuses a --feature-dim above C
     local_cnns, local_state = pretrained_local_cnns(exp, decomposition)
-    inputs = _LocalInputs(exp, local_cnns, decomposition)
+    inputs = LocalInputs(exp, local_cnns, decomposition, kept)
     results = []
-    for name in aggregators or [exp.cfg.model.aggregator]:
-        path = exp.run_dir / f"{name}.pt"
+    for name in names:
+        path = exp.run_dir / f"{method_file_stem(name)}.pt"
         if exp.cfg.resume and checkpoint_finished(path):
             aggregator = build_aggregator(exp, name, decomposition)
             state = load_checkpoint(path, map_location=exp.device)
@@ -288,6 +211,7 @@ def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None)
         else:
             aggregator, fit = _fit_aggregator(exp, name, inputs)
             spec = exp.spec("cnn_dnn", decomposition, name, method=name, local_checkpoint=local_state["path"])
+            spec = dataclasses.replace(spec, aggregator=aggregator.name)  # dnn:logits: a dnn, reading logits
             local_seconds = float(local_state.get("train_seconds", 0.0))
             if exp.dist.is_primary:
                 save_checkpoint(
@@ -306,12 +230,12 @@ def aggregation_phase(exp: Experiment, aggregators: Sequence[str] | None = None)
                     path,
                 )
             exp.dist.barrier()  # the checkpoint is there for every process to read
-        results.append(_aggregator_result(exp, aggregator, local_cnns, inputs, fit, local_state))
+        results.append(_aggregator_result(exp, name, aggregator, local_cnns, inputs, fit, local_state))
         log.info("%s %s test: %s", name, results[-1].grid, results[-1].test.summary())
     return results
 
 
-def _fit_aggregator(exp: Experiment, name: str, inputs: _LocalInputs) -> tuple[Aggregator, AggregatorFit]:
+def _fit_aggregator(exp: Experiment, name: str, inputs: LocalInputs) -> tuple[Aggregator, AggregatorFit]:
     """Build aggregator ``name`` and fit or train it; the fit's ``seconds`` include computing the inputs it needs
     beyond the local phase (the training inputs of a trained one, the validation probabilities of a fitted one)."""
     seed_everything(exp.cfg.train.seed)
@@ -321,9 +245,10 @@ def _fit_aggregator(exp: Experiment, name: str, inputs: _LocalInputs) -> tuple[A
     fit = fit_aggregator(
         aggregator, train, val, aggregator_train_config(exp.cfg, aggregator), exp.device,
         epochs=exp.cfg.aggregator_epochs or exp.cfg.train.epochs, batch_size=exp.cfg.aggregator_batch_size,
-        log_csv=exp.run_dir / f"{aggregator.name}_log.csv" if aggregator.trainable else None,
+        log_csv=exp.run_dir / f"{method_file_stem(name)}_log.csv" if aggregator.trainable else None,
         save=exp.dist.is_primary,
         callbacks=exp.callbacks,
+        desc=name,
     )
     fit.input_seconds = train_seconds if aggregator.trainable else val_seconds if aggregator.fitted else 0.0
     fit.seconds += fit.input_seconds
@@ -331,8 +256,8 @@ def _fit_aggregator(exp: Experiment, name: str, inputs: _LocalInputs) -> tuple[A
 
 
 def _aggregator_result(
-    exp: Experiment, aggregator: Aggregator, local_cnns: LocalCNNs, inputs: _LocalInputs, fit: AggregatorFit,
-    local_state: dict[str, Any],
+    exp: Experiment, name: str, aggregator: Aggregator, local_cnns: LocalCNNs, inputs: LocalInputs,
+    fit: AggregatorFit, local_state: dict[str, Any],
 ) -> MethodResult:
     batch, cfg, reads = exp.cfg.data.eval_batch_size, exp.cfg.train, aggregator.local_output
     test = evaluate(aggregator, TensorLoader.of(inputs.get("test")[0], batch, reads, device=exp.device), cfg,
@@ -348,10 +273,12 @@ def _aggregator_result(
     }
     if aggregator.trainable:
         extra["aggregator_inputs"], extra["local_output"] = exp.cfg.aggregator_inputs, reads
+        if reads == "features":
+            extra["feature_dim"] = aggregator.input_dim
     if isinstance(aggregator, WeightedAggregator):
         extra["subdomain_weights"] = aggregator.weights.tolist()
     return MethodResult(
-        aggregator.name, format_grid(local_cnns.decomposition.grid), method_report(test), val.accuracy,
+        name, format_grid(local_cnns.decomposition.grid), method_report(test), val.accuracy,
         count_parameters(local_cnns) + extra["aggregator_parameters"], fit.seconds, fit.images_per_second,
         fit.history, extra,
     )

@@ -24,6 +24,7 @@ from ..distributed import DistContext, Parallel, data_parallel_bytes_per_step, p
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..models import LocalCNNs, ModelSpec
 from ..models.aggregators import Aggregator, aggregator_options, create_aggregator
+from ..models.local_cnns import feature_channels
 from ..models.pretrained import load_init_weights
 from ..models.spec import spec_of
 from ..run_folder import check_resume
@@ -105,6 +106,7 @@ class Experiment:
             drop_last=drop_last,
             sampler=sampler,
             subimages=subimages,
+            dtype=compute_dtype(self.cfg.train),  # the coarse level's subimages, averaged as the model would
         )
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -113,11 +115,12 @@ class Experiment:
         return normalization(self.data, self.cfg.data.normalize)
 
     def decomposition(self, grid: tuple[int, ...] | None = None) -> Decomposition:
-        """The decomposition of this data set's images by ``grid`` (default: the configured one)."""
+        """The decomposition of this data set's images by ``grid`` (default: the configured one), with the coarse
+        level of ``--coarse``."""
         grid = self.cfg.model.grid if grid is None else grid
-        if math.prod(grid) == 1:  # the global CNN, whatever the number of axes
+        if math.prod(grid) == 1:  # the global CNN, whatever the number of axes: no overlap, no coarse level
             return Decomposition((1,) * self.data.spatial_dims, self.data.image_shape, 0)
-        return Decomposition(grid, self.data.image_shape, self.cfg.model.overlap)
+        return Decomposition(grid, self.data.image_shape, self.cfg.model.overlap, self.cfg.model.coarse)
 
     def spec(
         self, kind: str, decomposition: Decomposition, aggregator: str | None = None, **provenance: Any
@@ -133,6 +136,7 @@ class Experiment:
             width=m.width_of(decomposition.num_subdomains),
             grid=decomposition.grid,
             overlap=decomposition.overlap,
+            coarse=decomposition.coarse,
             image_shape=decomposition.image_shape,
             in_channels=self.data.in_channels,
             num_classes=self.data.num_classes,
@@ -140,11 +144,19 @@ class Experiment:
             mean=mean,
             std=std,
             aggregator=aggregator,
-            aggregator_options=aggregator_options(aggregator, m) if aggregator else {},
+            aggregator_options=self.aggregator_options(aggregator, decomposition) if aggregator else {},
             intensity=None if self.data.intensity.is_identity else self.data.intensity.to_dict(),  # None: uint8
             dataset=self.data.name,
             **provenance,
         )
+
+    def aggregator_options(self, name: str, decomposition: Decomposition) -> dict[str, Any]:
+        """Aggregator ``name``'s options (``dnn:features``: reading that input) on ``decomposition``; reading all
+        pooled features (``--feature-dim`` unset), their number is a probe of one local CNN's."""
+        m = self.cfg.model
+        width = m.width_of(decomposition.num_subdomains)
+        return aggregator_options(name, m, lambda: feature_channels(
+            m.backbone, decomposition, self.data.in_channels, self.data.num_classes, width))
 
     def with_data(self, **splits: ImageSet) -> Experiment:
         """This experiment on other train/val/test images (same classes, statistics and run folder)."""
@@ -247,7 +259,7 @@ def _rounded(values: Sequence[float]) -> str:
 
 
 def build_aggregator(exp: Experiment, name: str, decomposition: Decomposition) -> Aggregator:
-    options = aggregator_options(name, exp.cfg.model)
+    options = exp.aggregator_options(name, decomposition)
     aggregator = create_aggregator(name, decomposition.num_subdomains, exp.data.num_classes, **options)
     return aggregator.to(exp.device, compute_dtype(exp.cfg.train))
 

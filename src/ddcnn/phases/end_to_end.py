@@ -52,7 +52,7 @@ def _train_cnn_dnn(exp: Experiment, model: CNNDNN, name: str, pretraining_second
             "total_train_seconds": pretraining_seconds + fit.train_seconds,
             "test_subdomain_accuracy": local_test.subdomain_accuracy,
             **communication_per_step(model, subdomain_gather_bytes_per_step(
-                exp.cfg.data.batch_size, decomposition.num_subdomains, exp.data.num_classes,
+                exp.cfg.data.batch_size, decomposition.num_subdomains, model.aggregator.input_dim,  # K, or D features
                 compute_dtype(exp.cfg.train).itemsize,
             )),
         },

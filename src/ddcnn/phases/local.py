@@ -1,5 +1,7 @@
 """The local phase: the local CNNs of a decomposition trained all at once, each on its subimages against the
-label of the whole image, with no communication; and the global CNN, the same code on a ``1x1`` grid."""
+label of the whole image, with no communication; and the global CNN, the same code on a ``1x1`` grid. A coarse level
+(``--coarse``) is one more local CNN here, on the whole image averaged down (:mod:`ddcnn.decomposition`): it trains
+with the others, and the logs and the result name it and report its cost."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from ..decomposition import Decomposition
 from ..distributed import data_parallel_bytes_per_step
 from ..models import LocalCNNs
 from ..models.cnn_dnn import load_pretrained_local_cnns
+from ..models.summary import local_cnns_cost
 from ..runtime import seed_everything
 from ..train.engine import EpochEnd, FitResult
 from ..train.evaluation import evaluate
@@ -44,18 +47,28 @@ def train_local_cnns(
     parallel = exp.parallel(decomposition)
     model = parallel.local_cnns(initial_local_cnns(exp, decomposition))
     log.info("%s: %s", name, decomposition)
+    if decomposition.coarse:
+        cost = local_cnns_cost(model)
+        mflops = [cost[k] / 1e6 for k in ("coarse_flops", "flops_per_image", "flops_per_image_without_coarse")]
+        log.info("%s: the coarse CNN has %s parameters and %.2f MFLOPs per image (forward); all local CNNs %.2f "
+                 "MFLOPs per image, %.2f without it", name, f"{cost['coarse_parameters']:,}", *mflops)
     spec = exp.spec("local_cnns", decomposition, method=name)
     fit = fit_phase(exp, model, name, epochs, spec, parallel, epoch_end)
     return model, fit
 
 
-def _log_subdomains(name: str, history: list[dict[str, Any]]) -> None:
-    """Each epoch's per-subdomain accuracies (the Trainer's log line has only their mean)."""
+def _log_subdomains(name: str, history: list[dict[str, Any]], decomposition: Decomposition) -> None:
+    """Each epoch's per-subdomain accuracies (the Trainer's log line has only their mean), the coarse level's
+    named."""
+
+    def text(accuracies: list[float]) -> str:
+        return " ".join(("coarse " if i == decomposition.coarse_index else "") + f"{a:.3f}"
+                        for i, a in enumerate(accuracies))
+
     for row in history:
         if "train_subdomain_accuracy" in row:
-            text = " ".join(f"{a:.3f}" for a in row["train_subdomain_accuracy"])
-            val = " ".join(f"{a:.3f}" for a in row.get("val_subdomain_accuracy", []))
-            log.info("%s epoch %d per subdomain: train %s | val %s", name, row["epoch"], text, val)
+            train, val = text(row["train_subdomain_accuracy"]), text(row.get("val_subdomain_accuracy", []))
+            log.info("%s epoch %d per subdomain: train %s | val %s", name, row["epoch"], train, val)
 
 
 def run_global(exp: Experiment) -> MethodResult:
@@ -81,7 +94,7 @@ def run_local(exp: Experiment) -> MethodResult:
     """
     decomposition = exp.decomposition()
     model, fit = train_local_cnns(exp, decomposition, local_epochs(exp), "local")
-    _log_subdomains("local", fit.history)
+    _log_subdomains("local", fit.history, decomposition)
     parallel = exp.parallel(decomposition)
     test_images, val_images = (exp.loader(split, local_cnns=model) for split in ("test", "val"))  # own subimages
     test = evaluate(model, test_images, exp.cfg.train, exp.device, collect=True, parallel=parallel)
@@ -94,6 +107,7 @@ def run_local(exp: Experiment) -> MethodResult:
             "train_subdomain_accuracy": fit.history[-1].get("train_subdomain_accuracy"),
             "val_subdomain_accuracy": val.subdomain_accuracy,
             "test_subdomain_accuracy": test.subdomain_accuracy,
+            **local_cnns_cost(model),  # FLOPs per image; the coarse level's parameters and FLOPs
             **communication_per_step(model, 0),
         },
     )
