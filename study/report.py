@@ -6,7 +6,8 @@ For each table (one ``study/<table>.yaml``, one ``ddcnn compare`` run) it writes
 accuracy and cost tables of ``ddcnn compare``, the paired differences that test the papers' claims, and the plots
 (copied to ``docs/results/<table>/``). The text between the ``<!-- study:begin -->`` and ``<!-- study:end -->``
 markers of ``docs/results.md`` is replaced; everything outside them (the verdicts, written by hand from these numbers)
-is kept. A table whose run has not finished is listed as such.
+is kept. A table whose run has not finished is listed as such; a table with no run on this machine keeps the section it
+had (the study's tables ran in several sessions).
 """
 
 from __future__ import annotations
@@ -188,17 +189,39 @@ def table_section(name: str, out_dir: Path) -> list[str]:
     return lines
 
 
+def previous_sections(generated: str) -> dict[str, list[str]]:
+    """The sections of the generated part of docs/results.md by table name: each runs from its ``### `` heading to
+    the next, and is named by its ``Command: `ddcnn compare --config study/<name>.yaml``` line."""
+    sections: dict[str, list[str]] = {}
+    lines, current = generated.strip("\n").splitlines(), None
+    for line in lines:
+        if line.startswith("### "):
+            current = []
+        if current is None:
+            continue
+        current.append(line)
+        if line.startswith("Command: `ddcnn compare --config study/"):
+            sections[line.split("study/", 1)[1].split(".yaml", 1)[0]] = current
+    return sections
+
+
 def main() -> int:
     doc = ROOT / "docs" / "results.md"
     text = doc.read_text() if doc.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         print(f"{doc} lacks the markers {BEGIN} and {END}; add them where the tables go", file=sys.stderr)
         return 2
+    head, rest = text.split(BEGIN, 1)
+    generated, tail = rest.split(END, 1)
+    previous = previous_sections(generated)
     sections = []
     for name in TABLES:
-        sections += table_section(name, doc.parent / "results")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+        if not results_path(name).is_file() and name in previous:
+            # no run of this table here (the study ran over several machines and sessions): keep what it reported
+            print(f"kept table {name}: no {results_path(name).relative_to(ROOT)} here", file=sys.stderr)
+            sections += previous[name]
+        else:
+            sections += table_section(name, doc.parent / "results")
     doc.write_text(head + BEGIN + "\n" + "\n".join(sections) + "\n" + END + tail)
     print(f"wrote {doc}")
     return 0
