@@ -36,7 +36,7 @@ bench-cluster: setup
 # The study of docs/results.md: one `ddcnn compare` per table (study/*.yaml), each resumable, then the report
 # (study/report.py); about three hours on 2 idle CPU cores for tables 1-6, and about two more for cifar10_full and
 # cifar10_full_coarse (all 45,000 CIFAR-10 images; `make study STUDY=cifar10_full` runs one alone). Results go to
-# runs/study/<table>/. adrenalmnist3d_balanced_64 (table 5 at 64^3, about four hours) is not in the list.
+# runs/study/<table>/. Table 5 at 64^3 (about four hours) is a flag away: see study/adrenalmnist3d_balanced.yaml.
 STUDY ?= cifar10_vgg9 cifar10_vgg9_overlap adrenalmnist3d adrenalmnist3d_balanced tf_flowers tf_flowers_crossfit cifar10_resnet20 tf_flowers_densenet121 cifar10_full cifar10_full_coarse
 study: setup
 	set -e; for table in $(STUDY); do $(BIN)/ddcnn compare --config study/$$table.yaml --no-progress; done

@@ -61,3 +61,22 @@ def test_every_study_table_is_run_reported_and_published(report):
     for name in configs:
         assert f"Command: `ddcnn compare --config study/{name}.yaml`" in results
     assert "(docs/results.md)" in (root / "README.md").read_text()
+
+
+def test_a_table_without_a_run_here_keeps_its_section(report, tmp_path, monkeypatch):
+    """The study's tables ran in several sessions: regenerating docs/results.md where only some of the runs exist
+    keeps the other tables' sections as they were, and rewrites those whose results.json is here."""
+    name_kept, name_run = report.TABLES[0], report.TABLES[1]
+    kept = ["### Table kept", "", f"Command: `ddcnn compare --config study/{name_kept}.yaml` (x).", "", "| old | 1 |"]
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nverdicts\n\n" + report.BEGIN + "\n" + "\n".join(kept) + "\n" + report.END + "\ntail\n")
+    assert report.previous_sections(doc.read_text().split(report.BEGIN)[1].split(report.END)[0]) == {name_kept: kept}
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report, "TABLES", (name_kept, name_run))
+    monkeypatch.setattr(report, "results_path", lambda name: tmp_path / "runs" / name / "results.json")
+    monkeypatch.setattr(report, "table_section", lambda name, out_dir: [f"### fresh {name}", ""])
+    assert report.main() == 0
+    text = doc.read_text()
+    assert "\n".join(kept) in text and f"### fresh {name_run}" in text  # kept, and the other one written anew
+    assert text.startswith("# Results\n\nverdicts\n\n") and text.endswith("\ntail\n")

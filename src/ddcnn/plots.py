@@ -126,15 +126,20 @@ def plot_subdomain_heatmaps(
     """Per-subdomain accuracies laid out as their grids: ``accuracies[label] = (grid, values in subdomain order)``
     (row-major, last grid axis fastest, as :class:`~ddcnn.decomposition.Decomposition` orders them), and after them
     the coarse level's, if any, which has no place on the grid: its panels' titles give it. A 3D grid gets one panel
-    per slice along its first axis."""
+    per slice along its shortest axis (the first of equally long ones)."""
     panels: list[tuple[str, Any]] = []
     for label, (grid, values) in accuracies.items():
         values = list(values)
         if len(values) == math.prod(grid) + 1:  # the coarse level's, last
             label = f"{label}, coarse {values.pop():.2f}"
         array = np.asarray(values, dtype=float).reshape(grid)
-        if array.ndim == 3:
-            panels += [(f"{label}, slice {k}", array[k]) for k in range(array.shape[0])]
+        if array.ndim == 3:  # sliced along its shortest axis (the first of equal ones): 4x4x1 is one 4x4 panel
+            axis = int(np.argmin(array.shape))
+            slices = np.moveaxis(array, axis, 0)
+            if len(slices) == 1:
+                panels.append((label, slices[0]))
+            else:
+                panels += [(f"{label}, slice {k} of axis {axis}", s) for k, s in enumerate(slices)]
         else:
             panels.append((label, array))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 0.6, 3.2), dpi=120, squeeze=False)
