@@ -134,10 +134,11 @@ def results_markdown(
     local_width = "" if cc.model.local_width is None else f", local CNNs {cc.model.local_width}"
     balance = {"class weights": (cc.train.class_weights, "none"), "sampler": (cc.train.sampler, "uniform")}
     balancing = "".join(f"; {name}: {value}" for name, (value, default) in balance.items() if value != default)
+    coarse = ", with the coarse level (one more local CNN on the whole image, --coarse)" if cc.model.coarse else ""
     lines = [
         f"# {dataset}: test accuracy ({stats})",
         "",
-        f"backbone {cc.model.backbone} (width {cc.model.width}{local_width}), epochs: global "
+        f"backbone {cc.model.backbone} (width {cc.model.width}{local_width}){coarse}, epochs: global "
         f"{cc.phase_epochs('global')}, local {cc.phase_epochs('local')}, aggregators "
         f"{cc.phase_epochs('aggregator')}, coherent and transfer {cc.phase_epochs('coherent')}; aggregator inputs: "
         f"{cc.aggregator_inputs}, the local {_reads(cc)}{balancing}.",
