@@ -153,7 +153,7 @@ class CompareConfig(SharedOptions):
         if "aggregator" in changed and not coherent:
             messages.append("--aggregator has no effect: it is the aggregator of coherent and transfer, and --methods "
                             "has neither (the aggregation phase runs the aggregators in --methods)")
-        if not ("dnn" in methods or any(m.startswith("dnn:") for m in variants) or (coherent and model.aggregator == "dnn")):
+        if not ("dnn" in {split_input(m)[0] for m in methods} or (coherent and model.aggregator == "dnn")):
             messages += [f"--{n.replace('_', '-')} has no effect: no method of this comparison has a dnn aggregator"
                          for n in ("dnn_hidden", "dnn_activation", "dnn_dropout", "dnn_batchnorm") if n in changed]
         coherent_reads = coherent and aggregator_class(model.aggregator).trainable  # coherent's reads --local-output
@@ -198,6 +198,10 @@ def _run_config(cc: CompareConfig, grid: str, seed: int, folder: Path, epochs: i
     )
 
 
+# what the local phase costs per image (ddcnn.models.summary.local_cnns_cost), in each local row
+_COST_FIELDS = ("flops_per_image", "coarse_parameters", "coarse_flops", "flops_per_image_without_coarse")
+
+
 def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
     """Result rows; the local phase gives one row per subdomain (each local CNN's own accuracies)."""
     if result.method != "local":
@@ -206,7 +210,7 @@ def _rows(result: MethodResult, seed: int) -> list[dict[str, Any]]:
     train = result.extra.get("train_subdomain_accuracy") or [None] * n
     balanced = result.test.extra.get("subdomain_balanced_accuracy") or [None] * n
     auc = result.test.extra.get("subdomain_auc") or [None] * n
-    costs = {k: v for k, v in result.extra.items() if k in ("flops_per_image", "coarse_parameters", "coarse_flops")}
+    costs = {k: v for k, v in result.extra.items() if k in _COST_FIELDS}
     coarse = n - 1 if "coarse_flops" in costs else None  # the coarse level is the last local CNN (--coarse)
     return [
         {
