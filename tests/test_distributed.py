@@ -563,7 +563,8 @@ def test_coherent_training_through_the_local_features_on_two_processes(tmp_path,
     run = train(tiny_run(tmp_path / "two", **options), processes=2)
     assert_same_run(run, reference, "coherent.pt")
     batch = run["config"]["data"]["batch_size"]
-    assert run["history"][0]["comm_bytes_per_step"] == batch * 4 * 5 * 8 == run["rows"][0]["model_parallel_bytes_per_step"]
+    sent = run["history"][0]["comm_bytes_per_step"]
+    assert sent == batch * 4 * 5 * 8 == run["rows"][0]["model_parallel_bytes_per_step"]
     data_parallel = train(tiny_run(tmp_path / "data", **options, train__parallel="data"), processes=2)
     assert data_parallel["rows"][0]["test_accuracy"] > 0
 

@@ -105,7 +105,8 @@ class ModelConfig:
         check(self.overlap >= 0, "overlap", self.overlap, "0 or more pixels")
         check(all(h >= 1 for h in self.dnn_hidden), "dnn_hidden", self.dnn_hidden, "positive layer sizes")
         check(0 <= self.dnn_dropout < 1, "dnn_dropout", self.dnn_dropout, "in [0, 1)")
-        check(self.feature_dim is None or self.feature_dim >= 1, "feature_dim", self.feature_dim, "at least 1, or unset")
+        dim = self.feature_dim
+        check(dim is None or dim >= 1, "feature_dim", dim, "at least 1, or unset")
         check_choices(self)
         if self.init_weights_sha256 is not None:
             self.init_weights_sha256 = str(self.init_weights_sha256).strip().lower()

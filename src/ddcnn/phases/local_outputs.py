@@ -67,7 +67,8 @@ class LocalProbabilities:
     @classmethod
     def cat(cls, parts: list[LocalProbabilities]) -> LocalProbabilities:
         def joined(name: str) -> torch.Tensor | None:
-            return None if any(getattr(p, name) is None for p in parts) else torch.cat([getattr(p, name) for p in parts])
+            kept = [getattr(p, name) for p in parts]
+            return None if any(k is None for k in kept) else torch.cat(kept)
 
         return cls(joined("probabilities"), joined("labels"), joined("logits"), joined("features"))
 
@@ -189,7 +190,8 @@ def _crossfit_probabilities(exp: Experiment, decomposition: Decomposition, kept:
         rest = torch.cat([f for i, f in enumerate(folds) if i != j]).sort().values
         fold_exp = exp.with_data(train=_subset(train, rest), val=_subset(train, held_out))
         local_cnns, _ = train_local_cnns(fold_exp, decomposition, local_epochs(exp), f"crossfit{j}")
-        parts.append(kept.local_probabilities(local_cnns, fold_exp.loader("val"), exp, fold_exp.parallel(decomposition)))
+        val, parallel = fold_exp.loader("val"), fold_exp.parallel(decomposition)
+        parts.append(kept.local_probabilities(local_cnns, val, exp, parallel))
     joined = LocalProbabilities.cat(parts)
     where = torch.empty_like(order)
     where[torch.cat(folds)] = torch.arange(len(train))  # the row of each training image in the folds' order
