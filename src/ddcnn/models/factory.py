@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnknownNameError
+from .backbone import spatial_mean
 from .registry import list_models
 
 SEPARATOR = ":"
@@ -208,7 +209,7 @@ def pooled_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     features = module.forward_features(x)
     logits = module.forward_head(features)
     if features.dim() == x.dim():  # a feature map (B, C, *spatial): 4D for images, 5D for volumes
-        pooled = features.mean(dim=tuple(range(2, features.dim())))
+        pooled = spatial_mean(features)
     elif features.dim() == 2:
         pooled = features
     else:
