@@ -177,8 +177,8 @@ class BatchLoader:
             for x, y in self._read_images(indices, augmentation):
                 yield self._normalise(x), y
             return
+        average = self.own.decomposition.coarse_subimage
         for grid, whole, y in self._read_subimages(indices, augmentation):
-            average = self.own.decomposition.coarse_subimage
             coarse = None if whole is None else average(self._normalise(whole).to(self.dtype))
             yield self.own.combine(self._normalise(grid), coarse), y
 
